@@ -1,0 +1,10 @@
+# The two commands (see README.md). Everything they need is installed into .venv by them.
+.PHONY: dev test
+
+## Run the whole system locally: local AWS, the functions under cargo lambda watch.
+dev:
+	scripts/dev.sh
+
+## Run every check and test against a local stack of its own.
+test:
+	scripts/test.sh

@@ -1,0 +1,9 @@
+use lambda_http::{Error, run, service_fn};
+use shared::disconnect::Disconnect;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Error> {
+    shared::telemetry::init();
+    let disconnect = Disconnect::from_env().await?;
+    run(service_fn(|req| disconnect.handle(req))).await
+}

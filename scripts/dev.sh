@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make dev`: the whole system on this machine: local AWS (moto), the five functions under
+# `cargo lambda watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit),
+# and a ready JWT. Ctrl-C stops everything it started.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+scripts/venv.sh
+export LOCAL_STACK_DIR="${LOCAL_STACK_DIR:-$root/.local/stack}"
+export LOCAL_API_PORT="${LOCAL_API_PORT:-9000}"
+watch_pid=""
+cleanup() {
+  [[ -n "$watch_pid" ]] && kill -TERM -- "-$watch_pid" 2>/dev/null || true
+  scripts/local-stack.sh down
+}
+trap cleanup EXIT INT TERM
+
+eval "$(scripts/local-stack.sh up)"
+echo "Building and starting the functions (the first build takes a few minutes)..." >&2
+setsid scripts/watch.sh &
+watch_pid=$!
+.venv/bin/python scripts/warm_up.py "$LOCAL_API_URL" 900
+
+token="$(scripts/dev-token.sh local-user-1 86400)"
+cat <<BANNER
+
+klaviyo-connect is running locally.
+
+  API (cargo lambda watch)   $LOCAL_API_URL
+  Local AWS (moto)           $AWS_ENDPOINT_URL   table $TABLE_NAME
+  Frontend URL (redirects)   $FRONTEND_URL
+
+A JWT for user "local-user-1", valid 24 h (another: scripts/dev-token.sh USER_ID):
+
+  export TOKEN=$token
+
+Try:
+  curl -s -H "Authorization: Bearer \$TOKEN" $LOCAL_API_URL/api/oauth/accounts
+  curl -s -H "Authorization: Bearer \$TOKEN" "$LOCAL_API_URL/api/oauth/connect/klaviyo?accountName=Main%20store"
+
+The stack's settings, for other shells:  eval "\$(scripts/local-stack.sh env)"
+Ctrl-C stops everything.
+BANNER
+wait "$watch_pid"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make test`: formatting, lints, and every test, against a local stack of its own (moto and
+# `cargo lambda watch` on free loopback ports), torn down even on failure. Exits non-zero
+# if anything fails.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "Tooling (.venv)"
+scripts/venv.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "Build"
+cargo build --workspace --all-targets
+
+export LOCAL_STACK_DIR="$root/.local/test-$$"
+LOCAL_API_PORT="$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export LOCAL_API_PORT
+watch_pid=""
+cleanup() {
+  status=$?
+  if [[ -n "$watch_pid" ]]; then
+    kill -TERM -- "-$watch_pid" 2>/dev/null || true
+    wait "$watch_pid" 2>/dev/null || true
+  fi
+  if [[ $status -ne 0 && -f "$LOCAL_STACK_DIR/watch.log" ]]; then
+    echo "---- last lines of cargo lambda watch ----" >&2
+    tail -40 "$LOCAL_STACK_DIR/watch.log" >&2
+  fi
+  scripts/local-stack.sh down
+  exit $status
+}
+trap cleanup EXIT INT TERM
+
+step "Local stack"
+eval "$(scripts/local-stack.sh up)"
+
+step "cargo lambda watch on $LOCAL_API_URL"
+setsid scripts/watch.sh --ignore-changes > "$LOCAL_STACK_DIR/watch.log" 2>&1 &
+watch_pid=$!
+.venv/bin/python scripts/warm_up.py "$LOCAL_API_URL" 600
+
+step "cargo test --workspace"
+cargo test --workspace

@@ -1,0 +1,246 @@
+//! Bearer JWT validation: who is calling.
+//!
+//! Tokens are issued by the host app and signed with HS256 using a key from Secrets Manager.
+//! The algorithm is pinned (so `none`, HS384, RS256 and friends are refused), `exp` is
+//! required, `exp`/`nbf` are checked with a small leeway, and `iss`/`aud` when configured.
+//! The user id is `sub`. Failures are logged as security events without the token.
+
+use crate::http::{ApiError, bearer_token};
+use crate::secret::Secret;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use lambda_http::Request;
+use serde::Deserialize;
+use std::fmt;
+
+/// Clock skew tolerated between the host app and this service.
+pub const LEEWAY_SECS: u64 = 30;
+/// Longest `sub` accepted; user ids become part of storage keys.
+pub const MAX_USER_ID_LEN: usize = 256;
+
+/// The authenticated caller: the JWT's `sub`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserId(String);
+
+impl UserId {
+    /// A user id is 1–256 characters without control characters.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let valid =
+            !raw.is_empty() && raw.len() <= MAX_USER_ID_LEN && !raw.chars().any(char::is_control);
+        valid.then(|| Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a token was refused; for logs only (the client always sees one 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("malformed token")]
+    Malformed,
+    #[error("algorithm not allowed")]
+    Algorithm,
+    #[error("bad signature")]
+    Signature,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("wrong issuer")]
+    Issuer,
+    #[error("wrong audience")]
+    Audience,
+    #[error("missing or invalid claim")]
+    Claims,
+}
+
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+/// `sub` is optional here so that its absence is reported as a missing claim by the
+/// validation (not as a JSON error).
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<serde_json::Value>,
+}
+
+impl JwtVerifier {
+    pub fn hs256(secret: &Secret, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        match issuer {
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Self {
+            key: DecodingKey::from_secret(secret.expose().as_bytes()),
+            validation,
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| classify(e.kind()))?;
+        match data.claims.sub {
+            Some(serde_json::Value::String(sub)) => UserId::parse(&sub).ok_or(AuthError::Claims),
+            _ => Err(AuthError::Claims),
+        }
+    }
+
+    /// The caller of `req`, or a 401. Refusals are logged as security events.
+    pub fn authenticate(&self, req: &Request) -> Result<UserId, ApiError> {
+        let outcome = bearer_token(req)
+            .ok_or(AuthError::Missing)
+            .and_then(|token| self.verify(token));
+        outcome.map_err(|reason| {
+            tracing::warn!(
+                event = "auth_failure",
+                reason = %reason,
+                method = %req.method(),
+                path = req.uri().path(),
+                "request refused: invalid bearer token"
+            );
+            ApiError::Unauthorized
+        })
+    }
+}
+
+fn classify(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::MissingAlgorithm
+        | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
+        ErrorKind::InvalidSignature => AuthError::Signature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::Issuer,
+        ErrorKind::InvalidAudience => AuthError::Audience,
+        ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidSubject => AuthError::Claims,
+        _ => AuthError::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    const KEY: &str = "unit-test-key-not-a-real-secret";
+
+    fn now() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn sign(alg: Algorithm, claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(KEY.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn verifier() -> JwtVerifier {
+        JwtVerifier::hs256(&Secret::new(KEY), Some("host-app"), Some("klaviyo-connect"))
+    }
+
+    fn claims() -> serde_json::Value {
+        json!({"sub": "user-1", "exp": now() + 300, "iss": "host-app", "aud": "klaviyo-connect"})
+    }
+
+    #[test]
+    fn accepts_a_valid_token() {
+        let user = verifier()
+            .verify(&sign(Algorithm::HS256, claims()))
+            .unwrap();
+        assert_eq!(user.as_str(), "user-1");
+    }
+
+    #[test]
+    fn refuses_other_algorithms_and_bad_claims() {
+        let v = verifier();
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS384, claims())),
+            Err(AuthError::Algorithm)
+        );
+        let mut c = claims();
+        c["exp"] = json!(now() - LEEWAY_SECS as i64 - 60);
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, c)),
+            Err(AuthError::Expired)
+        );
+        let mut c = claims();
+        c["nbf"] = json!(now() + 600);
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, c)),
+            Err(AuthError::NotYetValid)
+        );
+        let mut c = claims();
+        c["iss"] = json!("someone-else");
+        assert_eq!(v.verify(&sign(Algorithm::HS256, c)), Err(AuthError::Issuer));
+        let mut c = claims();
+        c["aud"] = json!("other-service");
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, c)),
+            Err(AuthError::Audience)
+        );
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("sub");
+        assert_eq!(v.verify(&sign(Algorithm::HS256, c)), Err(AuthError::Claims));
+        let mut c = claims();
+        c["sub"] = json!("");
+        assert_eq!(v.verify(&sign(Algorithm::HS256, c)), Err(AuthError::Claims));
+        assert_eq!(v.verify("not-a-jwt"), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn a_small_clock_skew_is_tolerated() {
+        let mut c = claims();
+        c["exp"] = json!(now() - 5);
+        assert!(verifier().verify(&sign(Algorithm::HS256, c)).is_ok());
+    }
+
+    #[test]
+    fn user_ids_are_bounded() {
+        assert!(UserId::parse("").is_none());
+        assert!(UserId::parse("a\u{0}b").is_none());
+        assert!(UserId::parse(&"x".repeat(MAX_USER_ID_LEN + 1)).is_none());
+        assert!(UserId::parse("auth0|5f7c8ec7c33c6c004bbafe82").is_some());
+    }
+}

@@ -1,0 +1,139 @@
+//! Start-up: what every function builds once per container. Configuration is read and
+//! validated, AWS is configured once (timeouts, retries, `AWS_ENDPOINT_URL`), and the
+//! secrets a function needs are fetched from Secrets Manager here and never again.
+
+use crate::auth::JwtVerifier;
+use crate::config::{Config, ConfigError};
+use crate::crypto::Sealer;
+use crate::http::Web;
+use crate::secret::Secret;
+use crate::store::Store;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_secretsmanager::error::DisplayErrorContext;
+use std::fmt;
+use std::time::Duration;
+
+/// Why a function could not start. `Debug` prints the same sentence as `Display` so the
+/// runtime's start-up failure message names the setting at fault.
+#[derive(thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("could not read the secret named by {setting}: {reason}")]
+    Secret {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+impl fmt::Debug for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Configuration plus the shared AWS configuration, from which each function takes the
+/// clients and secrets it uses.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub config: Config,
+    sdk: SdkConfig,
+}
+
+impl Environment {
+    pub async fn load() -> Result<Self, InitError> {
+        let config = Config::from_env().inspect_err(log_failure)?;
+        Ok(Self {
+            config,
+            sdk: load_aws().await,
+        })
+    }
+
+    /// For tests and tools that build a `Config` themselves.
+    pub async fn with_config(config: Config) -> Self {
+        Self {
+            config,
+            sdk: load_aws().await,
+        }
+    }
+
+    pub fn store(&self) -> Store {
+        Store::new(
+            aws_sdk_dynamodb::Client::new(&self.sdk),
+            &self.config.table_name,
+        )
+    }
+
+    pub fn sealer(&self) -> Sealer {
+        Sealer::new(aws_sdk_kms::Client::new(&self.sdk), &self.config.kms_key_id)
+    }
+
+    pub fn web(&self) -> Web {
+        Web::new(self.config.allowed_origins.clone())
+    }
+
+    /// Fetches the HS256 key once and builds the verifier.
+    pub async fn jwt_verifier(&self) -> Result<JwtVerifier, InitError> {
+        let key = self
+            .secret("JWT_SECRET_ARN", &self.config.jwt.secret_arn)
+            .await?;
+        let jwt = &self.config.jwt;
+        Ok(JwtVerifier::hs256(
+            &key,
+            jwt.issuer.as_deref(),
+            jwt.audience.as_deref(),
+        ))
+    }
+
+    pub async fn klaviyo_client_secret(&self) -> Result<Secret, InitError> {
+        self.secret(
+            "KLAVIYO_CLIENT_SECRET_ARN",
+            &self.config.klaviyo.client_secret_arn,
+        )
+        .await
+    }
+
+    /// A secret's `SecretString` is the value itself (one `put-secret-value` to rotate).
+    async fn secret(&self, setting: &'static str, arn: &str) -> Result<Secret, InitError> {
+        let client = aws_sdk_secretsmanager::Client::new(&self.sdk);
+        let output = client
+            .get_secret_value()
+            .secret_id(arn)
+            .send()
+            .await
+            .map_err(|e| InitError::Secret {
+                setting,
+                reason: DisplayErrorContext(&e).to_string(),
+            })
+            .inspect_err(log_failure)?;
+        output
+            .secret_string
+            .filter(|s| !s.trim().is_empty())
+            .map(Secret::new)
+            .ok_or(InitError::Secret {
+                setting,
+                reason: "the secret has no SecretString value".into(),
+            })
+            .inspect_err(log_failure)
+    }
+}
+
+fn log_failure(error: &impl fmt::Display) {
+    tracing::error!(error = %error, "start-up failed");
+}
+
+/// Bounded waits on AWS so a slow dependency turns into a clear 503, not a Lambda timeout.
+async fn load_aws() -> SdkConfig {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(3))
+        .operation_timeout(Duration::from_secs(8))
+        .build();
+    aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .load()
+        .await
+}

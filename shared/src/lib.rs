@@ -1,0 +1,28 @@
+//! klaviyo-connect's core: everything the five Lambda functions do, so that each binary is
+//! a few lines. Infrastructure modules (`config`, `context`, `auth`, `crypto`, `store`,
+//! `http`, `telemetry`) serve one module per use case (`connect`, `callback`, `accounts`,
+//! `disconnect`, `refresh`), which is where a request goes.
+
+pub mod accounts;
+pub mod auth;
+pub mod callback;
+pub mod config;
+pub mod connect;
+pub mod context;
+pub mod crypto;
+pub mod disconnect;
+pub mod http;
+pub mod model;
+pub mod refresh;
+pub mod secret;
+pub mod store;
+pub mod telemetry;
+
+pub use auth::{JwtVerifier, UserId};
+pub use config::Config;
+pub use context::{Environment, InitError};
+pub use crypto::{Purpose, SealContext, SealedBlob, Sealer};
+pub use http::ApiError;
+pub use model::{AuthType, Connection, ConnectionStatus, PendingAuthorization};
+pub use secret::Secret;
+pub use store::{Store, StoreError};

@@ -1,0 +1,496 @@
+//! DynamoDB persistence: one table, items told apart by key prefix (design in README.md).
+//!
+//! | item                  | pk                    | sk              |
+//! |-----------------------|-----------------------|-----------------|
+//! | pending authorization | `STATE#<sha256 state>`| `STATE`         |
+//! | connection            | `USER#<user id>`      | `CONN#<conn id>`|
+//!
+//! Connections due for refresh also carry `due_bucket`/`due_at`, the keys of the sparse
+//! `due-index` GSI the refresh job queries (never a Scan). Items that expire carry
+//! `expires_at` (epoch seconds), the table's TTL attribute; TTL deletes only eventually, so
+//! every read checks expiry itself.
+
+use crate::auth::UserId;
+use crate::crypto::SealedBlob;
+use crate::model::{AuthType, Connection, ConnectionStatus, PendingAuthorization};
+use crate::secret::Secret;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
+use serde::{Deserialize, Serialize};
+use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use time::OffsetDateTime;
+
+/// Name of the GSI the refresh job queries.
+pub const DUE_INDEX: &str = "due-index";
+/// Refresh-due items are spread over this many index partitions so that a large fleet does
+/// not make one hot partition; the refresh job queries each bucket (and can fan out by it).
+pub const DUE_BUCKETS: u8 = 16;
+
+type Item = HashMap<String, AttributeValue>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("item not found")]
+    NotFound,
+    #[error("the item changed since it was read")]
+    Conflict,
+    #[error("DynamoDB unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored item is malformed: {0}")]
+    Corrupt(String),
+}
+
+impl<E, R> From<SdkError<E, R>> for StoreError
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    fn from(error: SdkError<E, R>) -> Self {
+        Self::Unavailable(DisplayErrorContext(&error).to_string())
+    }
+}
+
+fn is_condition_failure<E, R>(error: &SdkError<E, R>) -> bool
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
+{
+    error
+        .as_service_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "ConditionalCheckFailedException")
+}
+
+/// The result of an upsert: what is stored now, and what it replaced.
+#[derive(Debug)]
+pub struct Upserted {
+    pub connection: Connection,
+    pub previous: Option<Connection>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    client: Client,
+    table: String,
+}
+
+impl Store {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    // ---- pending authorizations ------------------------------------------------------
+
+    pub async fn put_pending(&self, pending: &PendingAuthorization) -> Result<(), StoreError> {
+        let record = PendingRecord::from(pending);
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(record).map_err(corrupt)?))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes and returns the pending authorization for `state`, atomically, so a state
+    /// completes at most once. Unknown, already consumed and expired all give `NotFound`.
+    pub async fn consume_pending(
+        &self,
+        state: &str,
+        now: OffsetDateTime,
+    ) -> Result<PendingAuthorization, StoreError> {
+        let hash = PendingAuthorization::hash_state(state);
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pending_pk(&hash), PENDING_SK.to_owned())))
+            .condition_expression("attribute_exists(pk) AND expires_at > :now")
+            .expression_attribute_values(":now", number(now.unix_timestamp()))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(output) => {
+                let item = output.attributes.ok_or(StoreError::NotFound)?;
+                from_item::<PendingRecord>(item)
+                    .map_err(corrupt)?
+                    .try_into()
+            }
+            Err(e) if is_condition_failure(&e) => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ---- connections -----------------------------------------------------------------
+
+    pub async fn get_connection(
+        &self,
+        user_id: &UserId,
+        connection_id: &str,
+    ) -> Result<Connection, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(user_pk(user_id), connection_sk(connection_id))))
+            .consistent_read(true)
+            .send()
+            .await?;
+        let item = output.item.ok_or(StoreError::NotFound)?;
+        decode_connection(item)
+    }
+
+    /// The user's connections, newest first (one paginated Query on the user's partition).
+    pub async fn list_connections(&self, user_id: &UserId) -> Result<Vec<Connection>, StoreError> {
+        let items: Vec<Item> = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", AttributeValue::S(user_pk(user_id)))
+            .expression_attribute_values(
+                ":prefix",
+                AttributeValue::S(CONNECTION_SK_PREFIX.to_owned()),
+            )
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<Vec<_>, _>>()
+            .await?;
+        let mut connections = items
+            .into_iter()
+            .map(decode_connection)
+            .collect::<Result<Vec<_>, _>>()?;
+        connections.sort_by(|a, b| {
+            b.connected_at
+                .cmp(&a.connected_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(connections)
+    }
+
+    /// Creates the connection or replaces its credentials and details, in one write.
+    /// `connected_at` is kept from the first connect and `version` is incremented; the
+    /// returned `previous` lets the caller revoke credentials it replaced.
+    pub async fn upsert_connection(&self, connection: &Connection) -> Result<Upserted, StoreError> {
+        let record = ConnectionRecord::from(connection);
+        let mut update = UpdateBuilder::new(&record)?;
+        update.set_if_not_exists("connected_at");
+        let (expression, names, values) =
+            update.finish("version = if_not_exists(version, :zero) + :one");
+        let output = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(record.pk.clone(), record.sk.clone())))
+            .update_expression(expression)
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .expression_attribute_values(":zero", number(0))
+            .expression_attribute_values(":one", number(1))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await?;
+        let previous = match output.attributes {
+            Some(item) if !item.is_empty() => Some(decode_connection(item)?),
+            _ => None,
+        };
+        let mut stored = connection.clone();
+        if let Some(previous) = &previous {
+            stored.connected_at = previous.connected_at;
+            stored.version = previous.version + 1;
+        } else {
+            stored.version = 1;
+        }
+        Ok(Upserted {
+            connection: stored,
+            previous,
+        })
+    }
+
+    /// Writes `connection` only if the stored version is still `expected_version` (and the
+    /// connection still exists); the stored version becomes `expected_version + 1`.
+    pub async fn update_connection_if_version(
+        &self,
+        connection: &Connection,
+        expected_version: u64,
+    ) -> Result<Connection, StoreError> {
+        let mut stored = connection.clone();
+        stored.version = expected_version + 1;
+        let record = ConnectionRecord::from(&stored);
+        let (expression, names, values) = UpdateBuilder::new(&record)?.finish("version = :next");
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(record.pk.clone(), record.sk.clone())))
+            .update_expression(expression)
+            .condition_expression("attribute_exists(pk) AND version = :expected")
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .expression_attribute_values(":expected", number(expected_version as i64))
+            .expression_attribute_values(":next", number(stored.version as i64))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(stored),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::Conflict),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+// ---- item layout --------------------------------------------------------------------
+
+const PENDING_SK: &str = "STATE";
+const CONNECTION_SK_PREFIX: &str = "CONN#";
+
+fn pending_pk(state_hash: &str) -> String {
+    format!("STATE#{state_hash}")
+}
+
+fn user_pk(user_id: &UserId) -> String {
+    format!("USER#{}", user_id.as_str())
+}
+
+fn connection_sk(connection_id: &str) -> String {
+    format!("{CONNECTION_SK_PREFIX}{connection_id}")
+}
+
+/// The `due-index` partition of a connection: stable, spread evenly by hash.
+pub fn due_bucket(connection_id: &str) -> String {
+    let digest = Sha256::digest(connection_id.as_bytes());
+    format!("refresh#{:02}", digest[0] % DUE_BUCKETS)
+}
+
+fn key(pk: String, sk: String) -> Item {
+    HashMap::from([
+        ("pk".to_owned(), AttributeValue::S(pk)),
+        ("sk".to_owned(), AttributeValue::S(sk)),
+    ])
+}
+
+fn number(n: i64) -> AttributeValue {
+    AttributeValue::N(n.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+#[derive(Serialize, Deserialize)]
+struct PendingRecord {
+    pk: String,
+    sk: String,
+    user_id: String,
+    account_name: String,
+    code_verifier: String,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    /// Epoch seconds; also the table's TTL attribute.
+    expires_at: i64,
+}
+
+impl From<&PendingAuthorization> for PendingRecord {
+    fn from(p: &PendingAuthorization) -> Self {
+        Self {
+            pk: pending_pk(&p.state_hash),
+            sk: PENDING_SK.to_owned(),
+            user_id: p.user_id.as_str().to_owned(),
+            account_name: p.account_name.clone(),
+            code_verifier: p.code_verifier.expose().to_owned(),
+            created_at: p.created_at,
+            expires_at: p.expires_at.unix_timestamp(),
+        }
+    }
+}
+
+impl TryFrom<PendingRecord> for PendingAuthorization {
+    type Error = StoreError;
+
+    fn try_from(r: PendingRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            state_hash: r.pk.strip_prefix("STATE#").unwrap_or(&r.pk).to_owned(),
+            user_id: UserId::parse(&r.user_id).ok_or_else(|| corrupt("pending user_id"))?,
+            account_name: r.account_name,
+            code_verifier: Secret::new(r.code_verifier),
+            created_at: r.created_at,
+            expires_at: OffsetDateTime::from_unix_timestamp(r.expires_at).map_err(corrupt)?,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ConnectionRecord {
+    pk: String,
+    sk: String,
+    connection_id: String,
+    user_id: String,
+    account_name: String,
+    klaviyo_account_id: String,
+    klaviyo_account_name: String,
+    auth_type: AuthType,
+    status: ConnectionStatus,
+    scopes: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    connected_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    last_refreshed_at: Option<OffsetDateTime>,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    access_token_expires_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    due_bucket: Option<String>,
+    /// Epoch seconds when the refresh job should next look at this connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    due_at: Option<i64>,
+    #[serde(with = "serde_bytes")]
+    credentials: Vec<u8>,
+    version: u64,
+}
+
+/// Attributes a connection may lack; a write that leaves them unset removes them.
+const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 4] = [
+    "last_refreshed_at",
+    "access_token_expires_at",
+    "due_bucket",
+    "due_at",
+];
+
+impl From<&Connection> for ConnectionRecord {
+    fn from(c: &Connection) -> Self {
+        Self {
+            pk: user_pk(&c.user_id),
+            sk: connection_sk(&c.id),
+            connection_id: c.id.clone(),
+            user_id: c.user_id.as_str().to_owned(),
+            account_name: c.account_name.clone(),
+            klaviyo_account_id: c.klaviyo_account_id.clone(),
+            klaviyo_account_name: c.klaviyo_account_name.clone(),
+            auth_type: c.auth_type,
+            status: c.status,
+            scopes: c.scopes.clone(),
+            connected_at: c.connected_at,
+            updated_at: c.updated_at,
+            last_refreshed_at: c.last_refreshed_at,
+            access_token_expires_at: c.access_token_expires_at,
+            due_bucket: c.refresh_due_at.map(|_| due_bucket(&c.id)),
+            due_at: c.refresh_due_at.map(OffsetDateTime::unix_timestamp),
+            credentials: c.credentials.as_bytes().to_vec(),
+            version: c.version,
+        }
+    }
+}
+
+fn decode_connection(item: Item) -> Result<Connection, StoreError> {
+    let r: ConnectionRecord = from_item(item).map_err(corrupt)?;
+    Ok(Connection {
+        id: r.connection_id,
+        user_id: UserId::parse(&r.user_id).ok_or_else(|| corrupt("connection user_id"))?,
+        account_name: r.account_name,
+        klaviyo_account_id: r.klaviyo_account_id,
+        klaviyo_account_name: r.klaviyo_account_name,
+        auth_type: r.auth_type,
+        status: r.status,
+        scopes: r.scopes,
+        connected_at: r.connected_at,
+        updated_at: r.updated_at,
+        last_refreshed_at: r.last_refreshed_at,
+        access_token_expires_at: r.access_token_expires_at,
+        refresh_due_at: r
+            .due_at
+            .map(OffsetDateTime::from_unix_timestamp)
+            .transpose()
+            .map_err(corrupt)?,
+        credentials: SealedBlob::from_bytes(r.credentials),
+        version: r.version,
+    })
+}
+
+/// Builds `SET a = :a, … REMOVE x, …` for every attribute of a record except the key and
+/// `version` (which each caller sets its own way).
+struct UpdateBuilder {
+    sets: Vec<String>,
+    removes: Vec<String>,
+    names: HashMap<String, String>,
+    values: Item,
+}
+
+impl UpdateBuilder {
+    fn new(record: &ConnectionRecord) -> Result<Self, StoreError> {
+        let item = to_item(record).map_err(corrupt)?;
+        let mut builder = Self {
+            sets: Vec::new(),
+            removes: Vec::new(),
+            names: HashMap::new(),
+            values: HashMap::new(),
+        };
+        let mut attributes: Vec<(String, AttributeValue)> = item
+            .into_iter()
+            .filter(|(name, _)| !matches!(name.as_str(), "pk" | "sk" | "version"))
+            .collect();
+        attributes.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, value) in attributes {
+            builder.names.insert(format!("#{name}"), name.clone());
+            builder.values.insert(format!(":{name}"), value);
+            builder.sets.push(format!("#{name} = :{name}"));
+        }
+        for name in OPTIONAL_CONNECTION_ATTRIBUTES {
+            if let Entry::Vacant(slot) = builder.names.entry(format!("#{name}")) {
+                builder.removes.push(slot.key().clone());
+                slot.insert(name.to_owned());
+            }
+        }
+        Ok(builder)
+    }
+
+    /// Keeps the stored value of `name` if there is one.
+    fn set_if_not_exists(&mut self, name: &str) {
+        let plain = format!("#{name} = :{name}");
+        if let Some(set) = self.sets.iter_mut().find(|s| **s == plain) {
+            *set = format!("#{name} = if_not_exists(#{name}, :{name})");
+        }
+    }
+
+    fn finish(mut self, version_assignment: &str) -> (String, HashMap<String, String>, Item) {
+        self.sets.push(version_assignment.to_owned());
+        let mut expression = format!("SET {}", self.sets.join(", "));
+        if !self.removes.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", self.removes.join(", ")));
+        }
+        (expression, self.names, self.values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_buckets_are_stable_and_bounded() {
+        let bucket = due_bucket("6b1a4c52-0000-4d8b-9a53-2f1e7c0d3b21");
+        assert_eq!(bucket, due_bucket("6b1a4c52-0000-4d8b-9a53-2f1e7c0d3b21"));
+        let n: u8 = bucket.trim_start_matches("refresh#").parse().unwrap();
+        assert!(n < DUE_BUCKETS);
+        let distinct: std::collections::HashSet<_> =
+            (0..200).map(|i| due_bucket(&format!("conn-{i}"))).collect();
+        assert_eq!(distinct.len(), DUE_BUCKETS as usize);
+    }
+}
