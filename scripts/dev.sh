@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make dev`: the whole system on this machine: local AWS (moto), the five functions under
-# `cargo lambda watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit),
-# and a ready JWT. Ctrl-C stops everything it started.
+# `make dev`: the whole system on this machine: local AWS (moto), the local Klaviyo sandbox
+# on http://127.0.0.1:${LOCAL_SANDBOX_PORT:-9100}, the five functions under `cargo lambda
+# watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit), and a ready JWT.
+# Ctrl-C stops everything it started.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -9,6 +10,7 @@ cd "$root"
 scripts/venv.sh
 export LOCAL_STACK_DIR="${LOCAL_STACK_DIR:-$root/.local/stack}"
 export LOCAL_API_PORT="${LOCAL_API_PORT:-9000}"
+export LOCAL_SANDBOX_PORT="${LOCAL_SANDBOX_PORT:-9100}"
 watch_pid=""
 cleanup() {
   [[ -n "$watch_pid" ]] && kill -TERM -- "-$watch_pid" 2>/dev/null || true
@@ -28,6 +30,7 @@ cat <<BANNER
 klaviyo-connect is running locally.
 
   API (cargo lambda watch)   $LOCAL_API_URL
+  Klaviyo sandbox            $KLAVIYO_SANDBOX_URL
   Local AWS (moto)           $AWS_ENDPOINT_URL   table $TABLE_NAME
   Frontend URL (redirects)   $FRONTEND_URL
 
@@ -35,9 +38,10 @@ A JWT for user "local-user-1", valid 24 h (another: scripts/dev-token.sh USER_ID
 
   export TOKEN=$token
 
-Try:
-  curl -s -H "Authorization: Bearer \$TOKEN" $LOCAL_API_URL/api/oauth/accounts
-  curl -s -H "Authorization: Bearer \$TOKEN" "$LOCAL_API_URL/api/oauth/connect/klaviyo?accountName=Main%20store"
+Connect a Klaviyo account through the sandbox (README: "Connect flow walk-through"):
+  AUTH_URL=\$(curl -s -H "Authorization: Bearer \$TOKEN" "$LOCAL_API_URL/api/oauth/connect/klaviyo?accountName=Main%20store" | python3 -c 'import json,sys; print(json.load(sys.stdin)["authUrl"])')
+  CALLBACK=\$(curl -s -o /dev/null -w '%{redirect_url}' "\$AUTH_URL")   # the sandbox approves
+  curl -s -o /dev/null -w '%{redirect_url}\\n' "\$CALLBACK"            # -> $FRONTEND_URL/settings?connected=klaviyo
 
 The stack's settings, for other shells:  eval "\$(scripts/local-stack.sh env)"
 Ctrl-C stops everything.

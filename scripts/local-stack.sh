@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Local AWS for klaviyo-connect: moto in server mode on loopback (DynamoDB, KMS, Secrets
-# Manager), provisioned from template.yaml.
+# The local stack of klaviyo-connect: local AWS (moto in server mode on loopback: DynamoDB,
+# KMS, Secrets Manager, provisioned from template.yaml) and the local Klaviyo sandbox.
 #
 #   eval "$(scripts/local-stack.sh up)"   start (or reuse) the stack, print its environment
-#   scripts/local-stack.sh down           stop the server this stack started
+#   scripts/local-stack.sh down           stop the servers this stack started
 #   scripts/local-stack.sh env            print the environment of the running stack
 #
 # LOCAL_STACK_DIR (default .local/stack) holds the stack's state, so several stacks (a dev
 # stack and a test stack) can run side by side. LOCAL_API_PORT (default 9000) and
-# LOCAL_FRONTEND_PORT (default 9300) set the URLs printed for the functions and the page.
+# LOCAL_FRONTEND_PORT (default 9300) set the URLs printed for the functions and the page;
+# LOCAL_SANDBOX_PORT (default: a free port) the sandbox's.
 # Only `export` lines go to stdout; progress goes to stderr.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,55 +20,83 @@ free_port() {
   "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
-server_running() {
-  [[ -f "$state/moto.pid" ]] || return 1
-  local pid; pid="$(cat "$state/moto.pid")"
-  [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q moto_server
+# process_running NAME PATTERN: the process recorded in $state/NAME.pid is alive and is ours.
+process_running() {
+  [[ -f "$state/$1.pid" ]] || return 1
+  local pid; pid="$(cat "$state/$1.pid")"
+  [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "$2"
 }
 
-wait_for_server() {
-  local url="$1"
+server_running() {
+  process_running moto moto_server
+}
+
+stop_process() {
+  process_running "$1" "$2" || return 0
+  local pid; pid="$(cat "$state/$1.pid")"
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do [[ -d "/proc/$pid" ]] || break; sleep 0.1; done
+  [[ -d "/proc/$pid" ]] && kill -9 "$pid" 2>/dev/null || true
+  echo "Stopped $1 (pid $pid)" >&2
+}
+
+# wait_for NAME PATTERN URL: until URL answers, or the process dies, or 30 s pass.
+wait_for() {
   for _ in $(seq 1 150); do
-    if "$python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$url/moto-api/" 2>/dev/null; then
+    if "$python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$3" 2>/dev/null; then
       return 0
     fi
-    server_running || { echo "moto_server exited; see $state/moto.log" >&2; tail -20 "$state/moto.log" >&2; return 1; }
+    process_running "$1" "$2" || { echo "$1 exited; see $state/$1.log" >&2; tail -20 "$state/$1.log" >&2; return 1; }
     sleep 0.2
   done
-  echo "moto_server did not answer on $url within 30 s; see $state/moto.log" >&2
+  echo "$1 did not answer on $3 within 30 s; see $state/$1.log" >&2
   return 1
 }
 
 up() {
   "$root/scripts/venv.sh"
-  if server_running && [[ -f "$state/env.sh" ]]; then
+  if server_running && process_running sandbox klaviyo-sandbox && [[ -f "$state/env.sh" ]]; then
     cat "$state/env.sh"
     return 0
   fi
+  down 2>/dev/null  # a half-started stack is replaced whole
   mkdir -p "$state"
   local port; port="${MOTO_PORT:-$(free_port)}"
   local endpoint="http://127.0.0.1:$port"
   echo "Starting moto_server on $endpoint (log: $state/moto.log)" >&2
   nohup "$root/.venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$state/moto.log" 2>&1 &
   echo $! > "$state/moto.pid"
-  wait_for_server "$endpoint"
+  wait_for moto moto_server "$endpoint/moto-api/"
   "$python" "$root/scripts/provision.py" \
     --endpoint "$endpoint" \
     --template "$root/template.yaml" \
     --api-url "http://127.0.0.1:${LOCAL_API_PORT:-9000}" \
     --frontend-url "http://127.0.0.1:${LOCAL_FRONTEND_PORT:-9300}" > "$state/env.sh.tmp"
+
+  # The Klaviyo sandbox reads the client secret from the local Secrets Manager, like Klaviyo
+  # knows it independently of the functions.
+  echo "Building the Klaviyo sandbox..." >&2
+  (cd "$root" && cargo build --quiet -p klaviyo-sandbox >&2)
+  local sandbox_port; sandbox_port="${LOCAL_SANDBOX_PORT:-$(free_port)}"
+  local sandbox="http://127.0.0.1:$sandbox_port"
+  echo "Starting the Klaviyo sandbox on $sandbox (log: $state/sandbox.log)" >&2
+  (set -a; source "$state/env.sh.tmp"; exec nohup "$root/target/debug/klaviyo-sandbox" --port "$sandbox_port") \
+    > "$state/sandbox.log" 2>&1 &
+  echo $! > "$state/sandbox.pid"
+  wait_for sandbox klaviyo-sandbox "$sandbox/sandbox/health"
+  cat >> "$state/env.sh.tmp" <<EXPORTS
+export KLAVIYO_AUTHORIZE_URL=$sandbox/oauth/authorize
+export KLAVIYO_OAUTH_BASE=$sandbox
+export KLAVIYO_API_BASE=$sandbox/api
+export KLAVIYO_SANDBOX_URL=$sandbox
+EXPORTS
   mv "$state/env.sh.tmp" "$state/env.sh"
   cat "$state/env.sh"
 }
 
 down() {
-  if server_running; then
-    local pid; pid="$(cat "$state/moto.pid")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do [[ -d "/proc/$pid" ]] || break; sleep 0.1; done
-    [[ -d "/proc/$pid" ]] && kill -9 "$pid" 2>/dev/null || true
-    echo "Stopped moto_server (pid $pid)" >&2
-  fi
+  stop_process sandbox klaviyo-sandbox
+  stop_process moto moto_server
   rm -rf "$state"
 }
 

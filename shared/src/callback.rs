@@ -1,18 +1,63 @@
 //! `GET /klaviyo/oauthcallback`: where Klaviyo sends the browser back after consent.
+//!
+//! Always answers with a redirect to `<FRONTEND_URL>/settings`: `?connected=klaviyo` on
+//! success, `?error=klaviyo_access_denied` when the user clicked Deny, and
+//! `?error=klaviyo_connection_failed` for everything else. The steps, each failing closed:
+//! consume the pending state once; exchange the code with the PKCE verifier; fetch the
+//! Klaviyo account; seal the tokens; upsert the connection. Tokens obtained for a flow that
+//! then fails are revoked, so no grant is left behind without a connection.
 
 use crate::context::{Environment, InitError};
-use crate::http::{ApiError, Web, require_method};
+use crate::crypto::{CryptoError, Purpose, SealContext, Sealer};
+use crate::http::{ApiError, FrontendRedirects, Web, query_param, require_method};
+use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
+use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
+use crate::secret::Secret;
+use crate::store::{Store, StoreError};
 use http::Method;
 use lambda_http::{Body, Request, Response};
+use time::OffsetDateTime;
+
+/// Longest `code`/`state` accepted; Klaviyo's are far shorter.
+const MAX_PARAMETER_LEN: usize = 2048;
 
 pub struct Callback {
     web: Web,
+    frontend: FrontendRedirects,
+    store: Store,
+    sealer: Sealer,
+    klaviyo: Klaviyo,
+}
+
+/// Why a callback did not connect an account; for logs (the browser sees two pages).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("the user denied access")]
+    Denied,
+    #[error("Klaviyo returned error `{0}`")]
+    Provider(String),
+    #[error("code or state missing or malformed")]
+    MissingParameters,
+    #[error("state unknown, expired or already used")]
+    StateRejected,
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("Klaviyo: {0}")]
+    Klaviyo(#[from] KlaviyoError),
+    #[error("sealing: {0}")]
+    Crypto(#[from] CryptoError),
 }
 
 impl Callback {
     pub async fn from_env() -> Result<Self, InitError> {
         let env = Environment::load().await?;
-        Ok(Self { web: env.web() })
+        Ok(Self {
+            web: env.web(),
+            frontend: env.frontend(),
+            store: env.store(),
+            sealer: env.sealer(),
+            klaviyo: env.klaviyo().await?,
+        })
     }
 
     pub async fn handle(&self, req: Request) -> Result<Response<Body>, lambda_http::Error> {
@@ -21,6 +66,173 @@ impl Callback {
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         require_method(req, Method::GET, "GET")?;
-        Err(ApiError::NotImplemented)
+        Ok(match self.complete(req).await {
+            Ok(connection) => {
+                tracing::info!(
+                    event = "klaviyo_connected",
+                    user_id = %connection.user_id,
+                    connection_id = %connection.id,
+                    klaviyo_account_id = %connection.klaviyo_account_id,
+                    version = connection.version,
+                    "Klaviyo account connected"
+                );
+                self.frontend.settings("connected", "klaviyo")
+            }
+            Err(Failure::Denied) => {
+                tracing::info!(event = "oauth_denied", "the user denied access at Klaviyo");
+                self.frontend.settings("error", "klaviyo_access_denied")
+            }
+            Err(failure) => {
+                match &failure {
+                    Failure::StateRejected => tracing::warn!(
+                        event = "oauth_state_rejected",
+                        "callback with an unknown, expired or replayed state"
+                    ),
+                    other => {
+                        tracing::warn!(event = "oauth_callback_failed", reason = %other, "connection failed")
+                    }
+                }
+                self.frontend.settings("error", "klaviyo_connection_failed")
+            }
+        })
     }
+
+    async fn complete(&self, req: &Request) -> Result<Connection, Failure> {
+        let state = bounded(query_param(req, "state"));
+        if let Some(error) = query_param(req, "error") {
+            // Consume the state anyway so the pending authorization cannot be used later.
+            if let Some(state) = &state {
+                let _ = self
+                    .store
+                    .consume_pending(state.expose(), OffsetDateTime::now_utc())
+                    .await;
+            }
+            return Err(if error == "access_denied" {
+                Failure::Denied
+            } else {
+                Failure::Provider(
+                    error
+                        .chars()
+                        .filter(char::is_ascii_graphic)
+                        .take(64)
+                        .collect(),
+                )
+            });
+        }
+        let (Some(code), Some(state)) = (bounded(query_param(req, "code")), state) else {
+            return Err(Failure::MissingParameters);
+        };
+        let pending = match self
+            .store
+            .consume_pending(state.expose(), OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(pending) => pending,
+            Err(StoreError::NotFound) => return Err(Failure::StateRejected),
+            Err(e) => return Err(e.into()),
+        };
+        let tokens = self
+            .klaviyo
+            .exchange_code(&code, &pending.code_verifier)
+            .await?;
+        let result = self.store_connection(&pending, &tokens).await;
+        if result.is_err() {
+            self.revoke_abandoned(&tokens).await;
+        }
+        result
+    }
+
+    async fn store_connection(
+        &self,
+        pending: &crate::model::PendingAuthorization,
+        tokens: &TokenSet,
+    ) -> Result<Connection, Failure> {
+        let account = self
+            .klaviyo
+            .account(ApiCredential::AccessToken(&tokens.access_token))
+            .await?;
+        let connection_id = Connection::id_for(&pending.user_id, &account.id);
+        let key = self
+            .sealer
+            .data_key(SealContext::new(
+                pending.user_id.as_str(),
+                &connection_id,
+                Purpose::OAuthTokens,
+            ))
+            .await?;
+        let refresh_token = tokens
+            .refresh_token
+            .clone()
+            .ok_or_else(|| KlaviyoError::Malformed("no refresh token".into()))?;
+        let credentials = Credentials::OAuth {
+            access_token: tokens.access_token.clone(),
+            refresh_token,
+        };
+        let now = OffsetDateTime::now_utc();
+        let connection = Connection {
+            id: connection_id,
+            user_id: pending.user_id.clone(),
+            account_name: pending.account_name.clone(),
+            klaviyo_account_id: account.id,
+            klaviyo_account_name: account.organization_name,
+            auth_type: AuthType::OAuth,
+            status: ConnectionStatus::Active,
+            scopes: tokens
+                .scopes
+                .clone()
+                .unwrap_or_else(|| self.klaviyo.requested_scopes().to_vec()),
+            connected_at: now,
+            updated_at: now,
+            last_refreshed_at: None,
+            access_token_expires_at: Some(tokens.expires_at),
+            refresh_due_at: Some(tokens.expires_at - REFRESH_LEAD),
+            credentials: credentials.seal(&key)?,
+            version: 0,
+        };
+        let upserted = self.store.upsert_connection(&connection).await?;
+        if let Some(previous) = upserted.previous {
+            self.revoke_replaced(&previous).await;
+        }
+        Ok(upserted.connection)
+    }
+
+    /// A reconnect replaces the connection's tokens; the old refresh token would otherwise
+    /// stay valid at Klaviyo for up to 90 days.
+    async fn revoke_replaced(&self, previous: &Connection) {
+        if previous.auth_type != AuthType::OAuth {
+            return;
+        }
+        let outcome = match Credentials::open(&self.sealer, previous).await {
+            Ok(credentials) => match credentials.refresh_token() {
+                Some(token) => self.klaviyo.revoke(token).await.map_err(|e| e.to_string()),
+                None => Ok(()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(reason) = outcome {
+            tracing::warn!(
+                event = "revocation_failed",
+                connection_id = %previous.id,
+                reason = %reason,
+                "could not revoke the replaced refresh token"
+            );
+        }
+    }
+
+    /// Best effort: the flow failed after Klaviyo issued tokens.
+    async fn revoke_abandoned(&self, tokens: &TokenSet) {
+        if let Some(token) = &tokens.refresh_token {
+            if let Err(e) = self.klaviyo.revoke(token).await {
+                tracing::warn!(event = "revocation_failed", reason = %e, "could not revoke tokens of a failed connection");
+            }
+        }
+    }
+}
+
+/// A present, non-empty parameter of sane length, kept as a secret (codes and states are
+/// credentials while they are valid).
+fn bounded(value: Option<String>) -> Option<Secret> {
+    value
+        .filter(|v| !v.is_empty() && v.len() <= MAX_PARAMETER_LEN)
+        .map(Secret::new)
 }

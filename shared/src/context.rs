@@ -5,7 +5,8 @@
 use crate::auth::JwtVerifier;
 use crate::config::{Config, ConfigError};
 use crate::crypto::Sealer;
-use crate::http::Web;
+use crate::http::{FrontendRedirects, Web};
+use crate::klaviyo::Klaviyo;
 use crate::secret::Secret;
 use crate::store::Store;
 use aws_config::retry::RetryConfig;
@@ -26,6 +27,8 @@ pub enum InitError {
         setting: &'static str,
         reason: String,
     },
+    #[error("could not set up the Klaviyo client: {0}")]
+    Klaviyo(String),
 }
 
 impl fmt::Debug for InitError {
@@ -87,12 +90,21 @@ impl Environment {
         ))
     }
 
-    pub async fn klaviyo_client_secret(&self) -> Result<Secret, InitError> {
-        self.secret(
-            "KLAVIYO_CLIENT_SECRET_ARN",
-            &self.config.klaviyo.client_secret_arn,
-        )
-        .await
+    /// Fetches the Klaviyo client secret once and builds the client.
+    pub async fn klaviyo(&self) -> Result<Klaviyo, InitError> {
+        let secret = self
+            .secret(
+                "KLAVIYO_CLIENT_SECRET_ARN",
+                &self.config.klaviyo.client_secret_arn,
+            )
+            .await?;
+        Klaviyo::new(&self.config.klaviyo, &secret)
+            .map_err(InitError::Klaviyo)
+            .inspect_err(log_failure)
+    }
+
+    pub fn frontend(&self) -> FrontendRedirects {
+        FrontendRedirects::new(&self.config.frontend_url)
     }
 
     /// A secret's `SecretString` is the value itself (one `put-secret-value` to rotate).

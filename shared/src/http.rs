@@ -145,6 +145,37 @@ pub fn redirect(location: &url::Url) -> Response<Body> {
     response
 }
 
+/// Where the OAuth callback sends the browser: only ever `<FRONTEND_URL>/settings?…` with a
+/// query the service chose, so nothing in a request can redirect a user elsewhere.
+#[derive(Debug, Clone)]
+pub struct FrontendRedirects {
+    settings: url::Url,
+}
+
+impl FrontendRedirects {
+    pub fn new(frontend_url: &url::Url) -> Self {
+        let mut settings = frontend_url.clone();
+        let path = format!("{}/settings", frontend_url.path().trim_end_matches('/'));
+        settings.set_path(&path);
+        settings.set_query(None);
+        settings.set_fragment(None);
+        Self { settings }
+    }
+
+    /// `<FRONTEND_URL>/settings?<key>=<value>`.
+    pub fn settings(&self, key: &str, value: &str) -> Response<Body> {
+        let mut url = self.settings.clone();
+        url.query_pairs_mut().append_pair(key, value);
+        redirect(&url)
+    }
+}
+
+/// Logs a dependency failure (without secrets: errors carry none) and answers 503.
+pub fn unavailable(what: &'static str, error: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(dependency = what, error = %error, "dependency failed");
+    ApiError::Unavailable
+}
+
 const SECURITY_HEADERS: [(&str, &str); 5] = [
     (
         "strict-transport-security",
@@ -466,6 +497,23 @@ mod tests {
         let response = web().serve(&req, || async { panic!("must not run") }).await;
         assert_eq!(response.status(), 403);
         assert_eq!(body_json(&response)["error"]["code"], "origin_not_allowed");
+    }
+
+    #[test]
+    fn redirects_only_go_to_the_frontend_settings_page() {
+        let frontend =
+            FrontendRedirects::new(&url::Url::parse("https://app.example.com/").unwrap());
+        let response = frontend.settings("error", "klaviyo_access_denied");
+        assert_eq!(response.status(), 302);
+        assert_eq!(
+            response.headers()["location"],
+            "https://app.example.com/settings?error=klaviyo_access_denied"
+        );
+        let nested = FrontendRedirects::new(&url::Url::parse("https://example.com/app/").unwrap());
+        assert_eq!(
+            nested.settings("connected", "klaviyo").headers()["location"],
+            "https://example.com/app/settings?connected=klaviyo"
+        );
     }
 
     #[test]

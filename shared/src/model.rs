@@ -2,15 +2,22 @@
 //! that exists between clicking "Connect" and Klaviyo's redirect back.
 
 use crate::auth::UserId;
-use crate::crypto::SealedBlob;
+use crate::crypto::{CryptoError, DataKey, Purpose, SealContext, SealedBlob, Sealer};
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 /// How long a user has to finish Klaviyo's consent screen.
 pub const PENDING_AUTHORIZATION_TTL: time::Duration = time::Duration::minutes(10);
+
+/// The refresh job renews an access token this long before it expires.
+pub const REFRESH_LEAD: time::Duration = time::Duration::minutes(15);
+/// Default and limits of the user's label for a connection.
+pub const DEFAULT_ACCOUNT_NAME: &str = "Klaviyo";
+pub const MAX_ACCOUNT_NAME_CHARS: usize = 100;
 
 /// Namespace for connection ids (UUID v5 of user id and Klaviyo account id).
 const CONNECTION_NAMESPACE: Uuid = Uuid::from_u128(0x6b1a_4c52_8f0e_4d8b_9a53_2f1e_7c0d_3b21);
@@ -82,6 +89,128 @@ impl Connection {
     }
 }
 
+/// The user's label for a connection: absent means the default; otherwise trimmed, 1–100
+/// characters, no control characters.
+pub fn parse_account_name(raw: Option<&str>) -> Result<String, &'static str> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_ACCOUNT_NAME.to_owned());
+    };
+    let name = raw.trim();
+    if name.is_empty() {
+        return Err("accountName must not be empty.");
+    }
+    if name.chars().count() > MAX_ACCOUNT_NAME_CHARS {
+        return Err("accountName must be at most 100 characters.");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("accountName must not contain control characters.");
+    }
+    Ok(name.to_owned())
+}
+
+/// What a connection's sealed blob holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Credentials {
+    OAuth {
+        access_token: Secret,
+        refresh_token: Secret,
+    },
+    ApiKey(Secret),
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PlainOut<'a> {
+    OAuth {
+        access_token: &'a str,
+        refresh_token: &'a str,
+    },
+    ApiKey {
+        api_key: &'a str,
+    },
+}
+
+#[derive(Deserialize)]
+struct OAuthIn {
+    access_token: Secret,
+    refresh_token: Secret,
+}
+
+#[derive(Deserialize)]
+struct ApiKeyIn {
+    api_key: Secret,
+}
+
+impl Credentials {
+    pub fn purpose(&self) -> Purpose {
+        match self {
+            Self::OAuth { .. } => Purpose::OAuthTokens,
+            Self::ApiKey(_) => Purpose::ApiKey,
+        }
+    }
+
+    /// Seals with a data key obtained for this connection and purpose.
+    pub fn seal(&self, key: &DataKey) -> Result<SealedBlob, CryptoError> {
+        if key.context().purpose != self.purpose() {
+            return Err(CryptoError::CannotOpen);
+        }
+        let plain = match self {
+            Self::OAuth {
+                access_token,
+                refresh_token,
+            } => PlainOut::OAuth {
+                access_token: access_token.expose(),
+                refresh_token: refresh_token.expose(),
+            },
+            Self::ApiKey(key) => PlainOut::ApiKey {
+                api_key: key.expose(),
+            },
+        };
+        let bytes = Zeroizing::new(
+            serde_json::to_vec(&plain).map_err(|_| CryptoError::Malformed("credentials"))?,
+        );
+        Ok(key.seal(&bytes))
+    }
+
+    /// Opens a connection's credentials (one KMS call).
+    pub async fn open(sealer: &Sealer, connection: &Connection) -> Result<Self, CryptoError> {
+        let purpose = connection.credentials_purpose();
+        let bytes = sealer
+            .open(connection.seal_context(purpose), &connection.credentials)
+            .await?;
+        match purpose {
+            Purpose::ApiKey => {
+                serde_json::from_slice::<ApiKeyIn>(&bytes).map(|p| Self::ApiKey(p.api_key))
+            }
+            _ => serde_json::from_slice::<OAuthIn>(&bytes).map(|p| Self::OAuth {
+                access_token: p.access_token,
+                refresh_token: p.refresh_token,
+            }),
+        }
+        .map_err(|_| CryptoError::Malformed("sealed credentials are not of the expected shape"))
+    }
+
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        match self {
+            Self::OAuth { refresh_token, .. } => Some(refresh_token),
+            Self::ApiKey(_) => None,
+        }
+    }
+}
+
+impl Connection {
+    pub fn seal_context(&self, purpose: Purpose) -> SealContext {
+        SealContext::new(self.user_id.as_str(), &self.id, purpose)
+    }
+
+    pub fn credentials_purpose(&self) -> Purpose {
+        match self.auth_type {
+            AuthType::OAuth => Purpose::OAuthTokens,
+            AuthType::ApiKey => Purpose::ApiKey,
+        }
+    }
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -101,6 +230,27 @@ mod tests {
         // The separator keeps ("a\nb", "c") and ("a", "b\nc") apart only if ids have no
         // newline; Klaviyo account ids are alphanumeric, so they never do.
         assert_eq!(a1.len(), 36);
+    }
+
+    #[test]
+    fn account_names_are_validated() {
+        assert_eq!(parse_account_name(None).unwrap(), "Klaviyo");
+        assert_eq!(
+            parse_account_name(Some("  Main store ")).unwrap(),
+            "Main store"
+        );
+        assert_eq!(
+            parse_account_name(Some(&"é".repeat(100)))
+                .unwrap()
+                .chars()
+                .count(),
+            100
+        );
+        assert!(parse_account_name(Some(&"é".repeat(101))).is_err());
+        assert!(parse_account_name(Some("   ")).is_err());
+        assert!(parse_account_name(Some("")).is_err());
+        assert!(parse_account_name(Some("a\nb")).is_err());
+        assert!(parse_account_name(Some("a\u{7f}b")).is_err());
     }
 
     #[test]

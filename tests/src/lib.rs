@@ -80,3 +80,115 @@ pub fn http() -> reqwest::Client {
         .build()
         .expect("build HTTP client")
 }
+
+// ---- the Klaviyo sandbox and the OAuth flow ------------------------------------------
+
+pub fn sandbox_url() -> String {
+    setting("KLAVIYO_SANDBOX_URL")
+}
+
+/// Injects a fault into the sandbox (see sandbox/src/control.rs for the fields).
+pub async fn inject_fault(fault: Value) {
+    let response = http()
+        .post(format!("{}/sandbox/faults", sandbox_url()))
+        .json(&fault)
+        .send()
+        .await
+        .expect("sandbox reachable");
+    assert_eq!(response.status(), 201, "fault accepted: {fault}");
+}
+
+/// What the sandbox received for `account` at `endpoint` (authorize, token, revoke, accounts).
+pub async fn received(account: &str, endpoint: &str) -> Vec<Value> {
+    http()
+        .get(format!("{}/sandbox/requests", sandbox_url()))
+        .query(&[("account", account), ("endpoint", endpoint)])
+        .send()
+        .await
+        .expect("sandbox reachable")
+        .json()
+        .await
+        .expect("sandbox answers JSON")
+}
+
+/// Tokens the sandbox issued for `account`: `{"access_tokens": [...], "refresh_tokens": [...]}`.
+pub async fn issued_tokens(account: &str) -> Value {
+    http()
+        .get(format!("{}/sandbox/tokens", sandbox_url()))
+        .query(&[("account", account)])
+        .send()
+        .await
+        .expect("sandbox reachable")
+        .json()
+        .await
+        .expect("sandbox answers JSON")
+}
+
+/// The refresh tokens issued for `account` with the given status (active, rotated, revoked).
+pub async fn refresh_tokens(account: &str, status: &str) -> Vec<String> {
+    issued_tokens(account).await["refresh_tokens"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|t| t["status"] == status)
+        .map(|t| t["token"].as_str().expect("token").to_owned())
+        .collect()
+}
+
+/// `GET /api/oauth/connect/klaviyo` as `token`; returns the status and body.
+pub async fn connect(token: &str, account_name: Option<&str>) -> (reqwest::StatusCode, Value) {
+    let mut request = http()
+        .get(format!("{}/api/oauth/connect/klaviyo", api_url()))
+        .bearer_auth(token);
+    if let Some(name) = account_name {
+        request = request.query(&[("accountName", name)]);
+    }
+    let response = request.send().await.expect("connect reachable");
+    let status = response.status();
+    (status, response.json().await.expect("connect answers JSON"))
+}
+
+/// Starts a connection and returns the authorize URL.
+pub async fn auth_url(token: &str, account_name: Option<&str>) -> url::Url {
+    let (status, body) = connect(token, account_name).await;
+    assert_eq!(status, 200, "{body}");
+    url::Url::parse(body["authUrl"].as_str().expect("authUrl")).expect("authUrl is a URL")
+}
+
+/// Plays the user at Klaviyo's consent screen: picks `account`, approves or denies.
+/// Returns where Klaviyo sends the browser (the callback URL).
+pub async fn authorize(auth_url: &url::Url, account: &str, approve: bool) -> String {
+    let mut url = auth_url.clone();
+    url.query_pairs_mut()
+        .append_pair("sandbox_account", account)
+        .append_pair("sandbox_org", &format!("Org of {account}"))
+        .append_pair("sandbox_decision", if approve { "approve" } else { "deny" });
+    location(url.as_str()).await
+}
+
+/// GETs `url` without following redirects and returns the `location` it redirects to.
+pub async fn location(url: &str) -> String {
+    let response = http().get(url).send().await.expect("reachable");
+    assert_eq!(response.status(), 302, "{url} should redirect");
+    response.headers()["location"]
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+/// `<FRONTEND_URL>/settings?<outcome>`.
+pub fn settings_page(outcome: &str) -> String {
+    format!("{}/settings?{outcome}", setting("FRONTEND_URL"))
+}
+
+/// The whole flow for `user` and Klaviyo `account`; returns where the browser lands.
+pub async fn connect_klaviyo(token: &str, account: &str, account_name: Option<&str>) -> String {
+    let auth = auth_url(token, account_name).await;
+    let callback = authorize(&auth, account, true).await;
+    location(&callback).await
+}
+
+/// A Klaviyo account id no other test uses (alphanumeric, like Klaviyo's).
+pub fn klaviyo_account() -> String {
+    format!("K{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
