@@ -1,14 +1,64 @@
-//! `GET /api/oauth/accounts`: the caller's connections, newest first.
+//! `GET /api/oauth/accounts`: the caller's connections, newest first. One DynamoDB Query on
+//! the caller's partition and no KMS call: the view never includes credentials.
 
 use crate::auth::JwtVerifier;
 use crate::context::{Environment, InitError};
-use crate::http::{ApiError, Web, require_method};
-use http::Method;
+use crate::http::{ApiError, Web, json, require_method, unavailable};
+use crate::model::{AuthType, Connection, ConnectionStatus};
+use crate::store::Store;
+use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// A connection as the frontend sees it: every field SPEC lists, never a token or key.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountView {
+    pub id: String,
+    pub platform: &'static str,
+    pub account_name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub connected_at: OffsetDateTime,
+    pub klaviyo_account_id: String,
+    pub klaviyo_account_name: String,
+    pub auth_type: AuthType,
+    pub status: ConnectionStatus,
+    pub scopes: Vec<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_refreshed_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub access_token_expires_at: Option<OffsetDateTime>,
+}
+
+impl From<&Connection> for AccountView {
+    fn from(c: &Connection) -> Self {
+        Self {
+            id: c.id.clone(),
+            platform: "klaviyo",
+            account_name: c.account_name.clone(),
+            connected_at: c.connected_at,
+            klaviyo_account_id: c.klaviyo_account_id.clone(),
+            klaviyo_account_name: c.klaviyo_account_name.clone(),
+            auth_type: c.auth_type,
+            status: c.status,
+            scopes: c.scopes.clone(),
+            last_refreshed_at: c.last_refreshed_at,
+            access_token_expires_at: c.access_token_expires_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ListBody {
+    success: bool,
+    accounts: Vec<AccountView>,
+}
 
 pub struct Accounts {
     web: Web,
     auth: JwtVerifier,
+    store: Store,
 }
 
 impl Accounts {
@@ -17,6 +67,7 @@ impl Accounts {
         Ok(Self {
             web: env.web(),
             auth: env.jwt_verifier().await?,
+            store: env.store(),
         })
     }
 
@@ -26,7 +77,18 @@ impl Accounts {
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         require_method(req, Method::GET, "GET, OPTIONS")?;
-        let _user = self.auth.authenticate(req)?;
-        Err(ApiError::NotImplemented)
+        let user = self.auth.authenticate(req)?;
+        let connections = self
+            .store
+            .list_connections(&user)
+            .await
+            .map_err(|e| unavailable("dynamodb", &e))?;
+        Ok(json(
+            StatusCode::OK,
+            &ListBody {
+                success: true,
+                accounts: connections.iter().map(AccountView::from).collect(),
+            },
+        ))
     }
 }

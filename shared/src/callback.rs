@@ -12,6 +12,7 @@ use crate::crypto::{CryptoError, Purpose, SealContext, Sealer};
 use crate::http::{ApiError, FrontendRedirects, Web, query_param, require_method};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
 use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
+use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
 use http::Method;
@@ -27,6 +28,7 @@ pub struct Callback {
     store: Store,
     sealer: Sealer,
     klaviyo: Klaviyo,
+    revoker: Revoker,
 }
 
 /// Why a callback did not connect an account; for logs (the browser sees two pages).
@@ -51,12 +53,14 @@ enum Failure {
 impl Callback {
     pub async fn from_env() -> Result<Self, InitError> {
         let env = Environment::load().await?;
+        let klaviyo = env.klaviyo().await?;
         Ok(Self {
             web: env.web(),
             frontend: env.frontend(),
             store: env.store(),
             sealer: env.sealer(),
-            klaviyo: env.klaviyo().await?,
+            revoker: Revoker::new(env.store(), env.sealer(), klaviyo.clone()),
+            klaviyo,
         })
     }
 
@@ -191,38 +195,15 @@ impl Callback {
         };
         let upserted = self.store.upsert_connection(&connection).await?;
         if let Some(previous) = upserted.previous {
-            self.revoke_replaced(&previous).await;
+            self.revoker.revoke_replaced(&previous).await;
         }
         Ok(upserted.connection)
-    }
-
-    /// A reconnect replaces the connection's tokens; the old refresh token would otherwise
-    /// stay valid at Klaviyo for up to 90 days.
-    async fn revoke_replaced(&self, previous: &Connection) {
-        if previous.auth_type != AuthType::OAuth {
-            return;
-        }
-        let outcome = match Credentials::open(&self.sealer, previous).await {
-            Ok(credentials) => match credentials.refresh_token() {
-                Some(token) => self.klaviyo.revoke(token).await.map_err(|e| e.to_string()),
-                None => Ok(()),
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(reason) = outcome {
-            tracing::warn!(
-                event = "revocation_failed",
-                connection_id = %previous.id,
-                reason = %reason,
-                "could not revoke the replaced refresh token"
-            );
-        }
     }
 
     /// Best effort: the flow failed after Klaviyo issued tokens.
     async fn revoke_abandoned(&self, tokens: &TokenSet) {
         if let Some(token) = &tokens.refresh_token {
-            if let Err(e) = self.klaviyo.revoke(token).await {
+            if let Err(e) = self.revoker.revoke_now(token).await {
                 tracing::warn!(event = "revocation_failed", reason = %e, "could not revoke tokens of a failed connection");
             }
         }

@@ -1,22 +1,48 @@
 //! `GET /api/oauth/connect/klaviyo` (start OAuth) and
 //! `POST /api/oauth/connect/klaviyo/api-key` (connect with a private API key).
 
-use crate::auth::JwtVerifier;
+use crate::accounts::AccountView;
+use crate::auth::{JwtVerifier, UserId};
 use crate::context::{Environment, InitError};
-use crate::http::{ApiError, Web, json, query_param, require_method, unavailable};
-use crate::klaviyo::Klaviyo;
-use crate::model::{PENDING_AUTHORIZATION_TTL, PendingAuthorization, parse_account_name};
-use crate::store::Store;
+use crate::crypto::{Purpose, SealContext, Sealer};
+use crate::http::{ApiError, Web, json, json_body, query_param, require_method, unavailable};
+use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
+use crate::model::{
+    AuthType, Connection, ConnectionStatus, Credentials, PENDING_AUTHORIZATION_TTL,
+    PendingAuthorization, parse_account_name,
+};
+use crate::revocation::Revoker;
+use crate::secret::Secret;
+use crate::store::{Store, StoreError};
 use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+/// Largest API-key request body accepted.
+pub const MAX_API_KEY_BODY: usize = 4 * 1024;
 
 pub struct Connect {
     web: Web,
     auth: JwtVerifier,
     store: Store,
+    sealer: Sealer,
     klaviyo: Klaviyo,
+    revoker: Revoker,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ApiKeyRequest {
+    api_key: Secret,
+    #[serde(default)]
+    account_name: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CreatedBody {
+    success: bool,
+    account: AccountView,
 }
 
 #[derive(Serialize)]
@@ -28,11 +54,14 @@ struct AuthUrlBody {
 impl Connect {
     pub async fn from_env() -> Result<Self, InitError> {
         let env = Environment::load().await?;
+        let klaviyo = env.klaviyo().await?;
         Ok(Self {
             web: env.web(),
             auth: env.jwt_verifier().await?,
             store: env.store(),
-            klaviyo: env.klaviyo().await?,
+            sealer: env.sealer(),
+            revoker: Revoker::new(env.store(), env.sealer(), klaviyo.clone()),
+            klaviyo,
         })
     }
 
@@ -44,8 +73,8 @@ impl Connect {
         let is_api_key_route = req.uri().path().trim_end_matches('/').ends_with("/api-key");
         if is_api_key_route {
             require_method(req, Method::POST, "POST, OPTIONS")?;
-            let _user = self.auth.authenticate(req)?;
-            return Err(ApiError::NotImplemented);
+            let user = self.auth.authenticate(req)?;
+            return self.connect_api_key(user, req).await;
         }
         require_method(req, Method::GET, "GET, OPTIONS")?;
         let user = self.auth.authenticate(req)?;
@@ -54,11 +83,7 @@ impl Connect {
 
     /// Stores state and PKCE verifier as a pending authorization (keyed by the state's
     /// hash, expiring in 10 minutes) and returns the Klaviyo authorize URL.
-    async fn start_oauth(
-        &self,
-        user: crate::UserId,
-        req: &Request,
-    ) -> Result<Response<Body>, ApiError> {
+    async fn start_oauth(&self, user: UserId, req: &Request) -> Result<Response<Body>, ApiError> {
         let account_name = parse_account_name(query_param(req, "accountName").as_deref())
             .map_err(|message| ApiError::bad_request("invalid_account_name", message))?;
         let authorization = self.klaviyo.authorization_request();
@@ -82,5 +107,132 @@ impl Connect {
                 auth_url: authorization.url.to_string(),
             },
         ))
+    }
+
+    /// Validates a private API key against Klaviyo, then seals and stores it on the
+    /// connection for that Klaviyo account (replacing OAuth tokens there, which are revoked
+    /// first).
+    async fn connect_api_key(
+        &self,
+        user: UserId,
+        req: &Request,
+    ) -> Result<Response<Body>, ApiError> {
+        let body: ApiKeyRequest = json_body(req, MAX_API_KEY_BODY)?;
+        let account_name = parse_account_name(body.account_name.as_deref())
+            .map_err(|message| ApiError::bad_request("invalid_account_name", message))?;
+        if !looks_like_private_key(body.api_key.expose()) {
+            return Err(ApiError::bad_request(
+                "invalid_api_key",
+                "apiKey must be a Klaviyo private API key (it starts with pk_).",
+            ));
+        }
+        let account = self
+            .klaviyo
+            .account(ApiCredential::ApiKey(&body.api_key))
+            .await
+            .map_err(key_validation_error)?;
+        let id = Connection::id_for(&user, &account.id);
+        let (existing, key) = tokio::join!(
+            self.store.get_connection(&user, &id),
+            self.sealer
+                .data_key(SealContext::new(user.as_str(), &id, Purpose::ApiKey)),
+        );
+        let key = key.map_err(|e| unavailable("kms", &e))?;
+        let existing = match existing {
+            Ok(connection) => Some(connection),
+            Err(StoreError::NotFound) => None,
+            Err(e) => return Err(unavailable("dynamodb", &e)),
+        };
+        if let Some(existing) = &existing {
+            self.revoker.revoke_replaced(existing).await;
+        }
+        let now = OffsetDateTime::now_utc();
+        let connection = Connection {
+            id,
+            user_id: user,
+            account_name,
+            klaviyo_account_id: account.id,
+            klaviyo_account_name: account.organization_name,
+            auth_type: AuthType::ApiKey,
+            status: ConnectionStatus::Active,
+            // A private key's scopes are fixed in Klaviyo and not reported by the API.
+            scopes: Vec::new(),
+            connected_at: now,
+            updated_at: now,
+            last_refreshed_at: None,
+            access_token_expires_at: None,
+            refresh_due_at: None,
+            credentials: Credentials::ApiKey(body.api_key)
+                .seal(&key)
+                .map_err(|e| unavailable("sealing", &e))?,
+            version: 0,
+        };
+        let upserted = self
+            .store
+            .upsert_connection(&connection)
+            .await
+            .map_err(|e| unavailable("dynamodb", &e))?;
+        // An OAuth reconnect that landed between the read and the write is replaced too.
+        if let Some(previous) = &upserted.previous {
+            if existing.as_ref().map(|e| e.version) != Some(previous.version) {
+                self.revoker.revoke_replaced(previous).await;
+            }
+        }
+        let stored = upserted.connection;
+        tracing::info!(
+            event = "klaviyo_connected",
+            auth_type = "api_key",
+            user_id = %stored.user_id,
+            connection_id = %stored.id,
+            klaviyo_account_id = %stored.klaviyo_account_id,
+            "Klaviyo account connected with an API key"
+        );
+        Ok(json(
+            StatusCode::CREATED,
+            &CreatedBody {
+                success: true,
+                account: AccountView::from(&stored),
+            },
+        ))
+    }
+}
+
+/// `pk_` and 10–128 letters, digits or underscores: the shape of Klaviyo private keys.
+fn looks_like_private_key(key: &str) -> bool {
+    key.strip_prefix("pk_").is_some_and(|rest| {
+        (10..=128).contains(&rest.len())
+            && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+fn key_validation_error(error: KlaviyoError) -> ApiError {
+    match error {
+        KlaviyoError::Rejected { .. } => {
+            ApiError::bad_request("invalid_api_key", "Klaviyo rejected this API key.")
+        }
+        KlaviyoError::RateLimited { retry_after } => ApiError::RateLimited {
+            retry_after_secs: retry_after.map_or(1, |d| d.as_secs().max(1)),
+        },
+        other => {
+            tracing::warn!(event = "klaviyo_unavailable", error = %other, "API key validation failed");
+            ApiError::Upstream {
+                code: "klaviyo_unavailable",
+                message: "Klaviyo could not be reached to validate the key; please try again.",
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_key_shape() {
+        assert!(looks_like_private_key("pk_sandbox_key_0123456789"));
+        assert!(!looks_like_private_key("pk_short"));
+        assert!(!looks_like_private_key("sk_sandbox_key_0123456789"));
+        assert!(!looks_like_private_key("pk_with space 0123456789"));
+        assert!(!looks_like_private_key(&format!("pk_{}", "a".repeat(129))));
     }
 }

@@ -30,7 +30,6 @@ const SERVICE: &str = "klaviyo-connect";
 pub enum Purpose {
     OAuthTokens,
     ApiKey,
-    PendingRevocation,
 }
 
 impl Purpose {
@@ -38,7 +37,6 @@ impl Purpose {
         match self {
             Self::OAuthTokens => "oauth_tokens",
             Self::ApiKey => "api_key",
-            Self::PendingRevocation => "pending_revocation",
         }
     }
 }

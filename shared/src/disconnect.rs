@@ -1,24 +1,55 @@
 //! `DELETE /api/oauth/accounts/{accountId}`: remove a connection and revoke its token.
+//!
+//! The connection leaves the list at once. For OAuth connections, one transaction deletes it
+//! and records a pending revocation holding its (still sealed) tokens, while the tokens are
+//! opened concurrently; then the refresh token is revoked at Klaviyo (with retries inside the
+//! request) and the pending revocation deleted. If Klaviyo cannot be reached, the disconnect
+//! still succeeds and the refresh job finishes the revocation. At most four sequential waits:
+//! read, transaction ∥ KMS, revoke, delete.
 
-use crate::auth::JwtVerifier;
+use crate::auth::{JwtVerifier, UserId};
 use crate::context::{Environment, InitError};
-use crate::http::{ApiError, Web, path_param, require_method};
-use http::Method;
+use crate::crypto::Sealer;
+use crate::http::{ApiError, Web, json, path_param, require_method, unavailable};
+use crate::model::{AuthType, Credentials, PendingRevocation};
+use crate::revocation::{Revocation, Revoker};
+use crate::store::{Store, StoreError};
+use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
+use serde::Serialize;
+use time::OffsetDateTime;
 
 pub const ROUTE_PREFIX: &str = "/api/oauth/accounts/";
+/// How often the read-then-write is retried when the connection changes in between (a
+/// refresh writing new tokens).
+const ATTEMPTS: u32 = 3;
+
+const NOT_FOUND: ApiError = ApiError::NotFound("Account not found.");
+
+#[derive(Serialize)]
+struct Disconnected {
+    success: bool,
+    message: &'static str,
+}
 
 pub struct Disconnect {
     web: Web,
     auth: JwtVerifier,
+    store: Store,
+    sealer: Sealer,
+    revoker: Revoker,
 }
 
 impl Disconnect {
     pub async fn from_env() -> Result<Self, InitError> {
         let env = Environment::load().await?;
+        let klaviyo = env.klaviyo().await?;
         Ok(Self {
             web: env.web(),
             auth: env.jwt_verifier().await?,
+            store: env.store(),
+            sealer: env.sealer(),
+            revoker: Revoker::new(env.store(), env.sealer(), klaviyo),
         })
     }
 
@@ -28,9 +59,58 @@ impl Disconnect {
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         require_method(req, Method::DELETE, "DELETE, OPTIONS")?;
-        let _user = self.auth.authenticate(req)?;
-        let _account_id = path_param(req, "accountId", ROUTE_PREFIX)
-            .ok_or(ApiError::NotFound("No such account."))?;
-        Err(ApiError::NotImplemented)
+        let user = self.auth.authenticate(req)?;
+        // Ids are UUIDs; anything else cannot exist (and is answered like a stranger's id).
+        let id = path_param(req, "accountId", ROUTE_PREFIX)
+            .filter(|id| uuid::Uuid::try_parse(id).is_ok())
+            .ok_or(NOT_FOUND)?;
+        let revocation = self.remove(&user, &id.to_ascii_lowercase()).await?;
+        tracing::info!(event = "klaviyo_disconnected", user_id = %user, connection_id = %id, revocation = ?revocation, "connection removed");
+        Ok(json(
+            StatusCode::OK,
+            &Disconnected {
+                success: true,
+                message: "Account disconnected successfully",
+            },
+        ))
+    }
+
+    async fn remove(&self, user: &UserId, id: &str) -> Result<Revocation, ApiError> {
+        for _ in 0..ATTEMPTS {
+            let connection = match self.store.get_connection(user, id).await {
+                Ok(connection) => connection,
+                Err(StoreError::NotFound) => return Err(NOT_FOUND),
+                Err(e) => return Err(unavailable("dynamodb", &e)),
+            };
+            if connection.auth_type == AuthType::ApiKey {
+                match self.store.delete_connection_if_version(&connection).await {
+                    Ok(()) => return Ok(Revocation::Nothing),
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(unavailable("dynamodb", &e)),
+                }
+            }
+            let pending = PendingRevocation::for_connection(&connection, OffsetDateTime::now_utc());
+            let (removed, opened) = tokio::join!(
+                self.store
+                    .remove_connection_and_queue_revocation(&connection, &pending),
+                Credentials::open(&self.sealer, &connection),
+            );
+            match removed {
+                Ok(()) => {}
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(unavailable("dynamodb", &e)),
+            }
+            // The connection is gone and its token safely queued; now try to finish.
+            return Ok(match opened.as_ref().map(Credentials::refresh_token) {
+                Ok(Some(token)) => self.revoker.finish_queued(&pending, token).await,
+                Ok(None) => Revocation::Nothing,
+                Err(e) => {
+                    tracing::warn!(event = "revocation_failed", connection_id = %id, reason = %e, "could not open the tokens; the refresh job will retry");
+                    Revocation::Deferred
+                }
+            });
+        }
+        tracing::warn!(connection_id = %id, "connection kept changing during disconnect");
+        Err(ApiError::Unavailable)
     }
 }

@@ -27,6 +27,8 @@ use time::OffsetDateTime;
 const RANDOM_BYTES: u32 = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(6);
+/// A revocation is tiny; a short timeout leaves room to retry one inside a request.
+pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest response body read from Klaviyo; real ones are a few KB.
 const MAX_RESPONSE_BODY: usize = 256 * 1024;
 
@@ -217,6 +219,7 @@ impl Klaviyo {
         let response = self
             .http
             .post(&self.revoke_url)
+            .timeout(REVOKE_TIMEOUT)
             .basic_auth(&self.client_id, Some(self.client_secret.expose()))
             .form(&[
                 ("token", refresh_token.expose()),

@@ -15,6 +15,7 @@ pub mod http;
 pub mod klaviyo;
 pub mod model;
 pub mod refresh;
+pub mod revocation;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
@@ -24,6 +25,8 @@ pub use config::Config;
 pub use context::{Environment, InitError};
 pub use crypto::{Purpose, SealContext, SealedBlob, Sealer};
 pub use http::ApiError;
-pub use model::{AuthType, Connection, ConnectionStatus, Credentials, PendingAuthorization};
+pub use model::{
+    AuthType, Connection, ConnectionStatus, Credentials, PendingAuthorization, PendingRevocation,
+};
 pub use secret::Secret;
 pub use store::{Store, StoreError};

@@ -13,6 +13,10 @@ use zeroize::Zeroizing;
 /// How long a user has to finish Klaviyo's consent screen.
 pub const PENDING_AUTHORIZATION_TTL: time::Duration = time::Duration::minutes(10);
 
+/// A Klaviyo refresh token unused this long has expired; a revocation still pending after
+/// that has nothing left to revoke.
+pub const REFRESH_TOKEN_IDLE_LIFETIME: time::Duration = time::Duration::days(90);
+
 /// The refresh job renews an access token this long before it expires.
 pub const REFRESH_LEAD: time::Duration = time::Duration::minutes(15);
 /// Default and limits of the user's label for a connection.
@@ -174,18 +178,28 @@ impl Credentials {
 
     /// Opens a connection's credentials (one KMS call).
     pub async fn open(sealer: &Sealer, connection: &Connection) -> Result<Self, CryptoError> {
-        let purpose = connection.credentials_purpose();
-        let bytes = sealer
-            .open(connection.seal_context(purpose), &connection.credentials)
-            .await?;
+        let context = connection.seal_context(connection.credentials_purpose());
+        Self::open_sealed(sealer, context, &connection.credentials).await
+    }
+
+    /// Opens credentials sealed under `context` (one KMS call).
+    pub async fn open_sealed(
+        sealer: &Sealer,
+        context: SealContext,
+        blob: &SealedBlob,
+    ) -> Result<Self, CryptoError> {
+        let purpose = context.purpose;
+        let bytes = sealer.open(context, blob).await?;
         match purpose {
             Purpose::ApiKey => {
                 serde_json::from_slice::<ApiKeyIn>(&bytes).map(|p| Self::ApiKey(p.api_key))
             }
-            _ => serde_json::from_slice::<OAuthIn>(&bytes).map(|p| Self::OAuth {
-                access_token: p.access_token,
-                refresh_token: p.refresh_token,
-            }),
+            Purpose::OAuthTokens => {
+                serde_json::from_slice::<OAuthIn>(&bytes).map(|p| Self::OAuth {
+                    access_token: p.access_token,
+                    refresh_token: p.refresh_token,
+                })
+            }
         }
         .map_err(|_| CryptoError::Malformed("sealed credentials are not of the expected shape"))
     }
@@ -208,6 +222,52 @@ impl Connection {
             AuthType::OAuth => Purpose::OAuthTokens,
             AuthType::ApiKey => Purpose::ApiKey,
         }
+    }
+}
+
+/// A refresh token that must still be revoked at Klaviyo (Klaviyo was unreachable when its
+/// connection was disconnected or replaced). It keeps the connection's sealed tokens as they
+/// were, still bound to the user and connection they were sealed for; the refresh job
+/// retries until Klaviyo confirms or the token could no longer be valid (`expires_at`, also
+/// the TTL), and then the item, the last trace of the token, is deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRevocation {
+    pub id: String,
+    pub user_id: UserId,
+    pub connection_id: String,
+    pub credentials: SealedBlob,
+    pub created_at: OffsetDateTime,
+    pub attempts: u32,
+    /// When the refresh job should next try.
+    pub due_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
+impl PendingRevocation {
+    /// For the OAuth tokens of `connection`, due at once.
+    pub fn for_connection(connection: &Connection, now: OffsetDateTime) -> Self {
+        let last_used = connection
+            .last_refreshed_at
+            .unwrap_or(connection.updated_at);
+        Self {
+            id: Uuid::new_v4().to_string(),
+            user_id: connection.user_id.clone(),
+            connection_id: connection.id.clone(),
+            credentials: connection.credentials.clone(),
+            created_at: now,
+            attempts: 0,
+            due_at: now,
+            expires_at: last_used + REFRESH_TOKEN_IDLE_LIFETIME,
+        }
+    }
+
+    pub async fn open(&self, sealer: &Sealer) -> Result<Credentials, CryptoError> {
+        let context = SealContext::new(
+            self.user_id.as_str(),
+            &self.connection_id,
+            Purpose::OAuthTokens,
+        );
+        Credentials::open_sealed(sealer, context, &self.credentials).await
     }
 }
 

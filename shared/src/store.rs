@@ -4,19 +4,22 @@
 //! |-----------------------|-----------------------|-----------------|
 //! | pending authorization | `STATE#<sha256 state>`| `STATE`         |
 //! | connection            | `USER#<user id>`      | `CONN#<conn id>`|
+//! | pending revocation    | `REVOKE#<id>`         | `REVOKE`        |
 //!
-//! Connections due for refresh also carry `due_bucket`/`due_at`, the keys of the sparse
-//! `due-index` GSI the refresh job queries (never a Scan). Items that expire carry
+//! Connections due for refresh and pending revocations also carry `due_bucket`/`due_at`,
+//! the keys of the sparse `due-index` GSI the refresh job queries (never a Scan). Items that expire carry
 //! `expires_at` (epoch seconds), the table's TTL attribute; TTL deletes only eventually, so
 //! every read checks expiry itself.
 
 use crate::auth::UserId;
 use crate::crypto::SealedBlob;
-use crate::model::{AuthType, Connection, ConnectionStatus, PendingAuthorization};
+use crate::model::{
+    AuthType, Connection, ConnectionStatus, PendingAuthorization, PendingRevocation,
+};
 use crate::secret::Secret;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, ReturnValue, TransactWriteItem};
 use serde::{Deserialize, Serialize};
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 use sha2::{Digest, Sha256};
@@ -26,7 +29,7 @@ use time::OffsetDateTime;
 
 /// Name of the GSI the refresh job queries.
 pub const DUE_INDEX: &str = "due-index";
-/// Refresh-due items are spread over this many index partitions so that a large fleet does
+/// Due items are spread over this many index partitions per kind so that a large fleet does
 /// not make one hot partition; the refresh job queries each bucket (and can fan out by it).
 pub const DUE_BUCKETS: u8 = 16;
 
@@ -246,12 +249,202 @@ impl Store {
             Err(e) => Err(e.into()),
         }
     }
+
+    /// Deletes the connection if it is still at `connection.version`.
+    pub async fn delete_connection_if_version(
+        &self,
+        connection: &Connection,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                user_pk(&connection.user_id),
+                connection_sk(&connection.id),
+            )))
+            .condition_expression("version = :v")
+            .expression_attribute_values(":v", number(connection.version as i64))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::Conflict),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// In one transaction: deletes the connection (if still at its version) and records the
+    /// revocation its tokens need, so no crash can lose a token that was never revoked.
+    pub async fn remove_connection_and_queue_revocation(
+        &self,
+        connection: &Connection,
+        pending: &PendingRevocation,
+    ) -> Result<(), StoreError> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                user_pk(&connection.user_id),
+                connection_sk(&connection.id),
+            )))
+            .condition_expression("version = :v")
+            .expression_attribute_values(":v", number(connection.version as i64))
+            .build()
+            .map_err(corrupt)?;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(
+                to_item(RevocationRecord::from(pending)).map_err(corrupt)?,
+            ))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(corrupt)?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().delete(delete).build())
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // A failed condition or a concurrent transaction on the same item.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_transaction_canceled_exception()) =>
+            {
+                Err(StoreError::Conflict)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ---- pending revocations -----------------------------------------------------------
+
+    pub async fn put_pending_revocation(
+        &self,
+        pending: &PendingRevocation,
+    ) -> Result<(), StoreError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(
+                to_item(RevocationRecord::from(pending)).map_err(corrupt)?,
+            ))
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_pending_revocation(&self, id: &str) -> Result<PendingRevocation, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(revocation_pk(id), REVOCATION_SK.to_owned())))
+            .consistent_read(true)
+            .send()
+            .await?;
+        let item = output.item.ok_or(StoreError::NotFound)?;
+        from_item::<RevocationRecord>(item)
+            .map_err(corrupt)?
+            .try_into()
+    }
+
+    /// Deleting the item deletes the last copy of the token material.
+    pub async fn delete_pending_revocation(&self, id: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(revocation_pk(id), REVOCATION_SK.to_owned())))
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// Records another failed attempt and when to try next (if the item still exists).
+    pub async fn reschedule_pending_revocation(
+        &self,
+        pending: &PendingRevocation,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                revocation_pk(&pending.id),
+                REVOCATION_SK.to_owned(),
+            )))
+            .update_expression("SET attempts = :attempts, due_at = :due")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":attempts", number(i64::from(pending.attempts)))
+            .expression_attribute_values(":due", number(pending.due_at.unix_timestamp()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Up to `limit` pending revocations due at `now`, oldest due first within each bucket:
+    /// one Query per `due-index` bucket, then a read of each item (the index keeps keys only).
+    pub async fn due_pending_revocations(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<PendingRevocation>, StoreError> {
+        let mut due = Vec::new();
+        for bucket in 0..DUE_BUCKETS {
+            if due.len() >= limit {
+                break;
+            }
+            let output = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(DUE_INDEX)
+                .key_condition_expression("due_bucket = :bucket AND due_at <= :now")
+                .expression_attribute_values(
+                    ":bucket",
+                    AttributeValue::S(bucket_name(REVOCATION_BUCKET, bucket)),
+                )
+                .expression_attribute_values(":now", number(now.unix_timestamp()))
+                .limit((limit - due.len()) as i32)
+                .send()
+                .await?;
+            for item in output.items.unwrap_or_default() {
+                let Some(id) = item
+                    .get("pk")
+                    .and_then(|v| v.as_s().ok())
+                    .and_then(|pk| pk.strip_prefix("REVOKE#"))
+                else {
+                    continue;
+                };
+                match self.get_pending_revocation(id).await {
+                    Ok(pending) => due.push(pending),
+                    // Finished by someone else since the index was read.
+                    Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(due)
+    }
 }
 
 // ---- item layout --------------------------------------------------------------------
 
 const PENDING_SK: &str = "STATE";
 const CONNECTION_SK_PREFIX: &str = "CONN#";
+const REVOCATION_SK: &str = "REVOKE";
+const REFRESH_BUCKET: &str = "refresh";
+const REVOCATION_BUCKET: &str = "revoke";
+
+fn revocation_pk(id: &str) -> String {
+    format!("REVOKE#{id}")
+}
 
 fn pending_pk(state_hash: &str) -> String {
     format!("STATE#{state_hash}")
@@ -265,10 +458,22 @@ fn connection_sk(connection_id: &str) -> String {
     format!("{CONNECTION_SK_PREFIX}{connection_id}")
 }
 
-/// The `due-index` partition of a connection: stable, spread evenly by hash.
-pub fn due_bucket(connection_id: &str) -> String {
-    let digest = Sha256::digest(connection_id.as_bytes());
-    format!("refresh#{:02}", digest[0] % DUE_BUCKETS)
+/// The `due-index` partition of a connection due for refresh: stable, spread by hash.
+pub fn refresh_bucket(connection_id: &str) -> String {
+    bucket_name(REFRESH_BUCKET, bucket_of(connection_id))
+}
+
+/// The `due-index` partition of a pending revocation.
+pub fn revocation_bucket(id: &str) -> String {
+    bucket_name(REVOCATION_BUCKET, bucket_of(id))
+}
+
+fn bucket_of(id: &str) -> u8 {
+    Sha256::digest(id.as_bytes())[0] % DUE_BUCKETS
+}
+
+fn bucket_name(kind: &str, bucket: u8) -> String {
+    format!("{kind}#{bucket:02}")
 }
 
 fn key(pk: String, sk: String) -> Item {
@@ -391,11 +596,62 @@ impl From<&Connection> for ConnectionRecord {
             updated_at: c.updated_at,
             last_refreshed_at: c.last_refreshed_at,
             access_token_expires_at: c.access_token_expires_at,
-            due_bucket: c.refresh_due_at.map(|_| due_bucket(&c.id)),
+            due_bucket: c.refresh_due_at.map(|_| refresh_bucket(&c.id)),
             due_at: c.refresh_due_at.map(OffsetDateTime::unix_timestamp),
             credentials: c.credentials.as_bytes().to_vec(),
             version: c.version,
         }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct RevocationRecord {
+    pk: String,
+    sk: String,
+    user_id: String,
+    connection_id: String,
+    #[serde(with = "serde_bytes")]
+    credentials: Vec<u8>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    attempts: u32,
+    due_bucket: String,
+    due_at: i64,
+    /// Epoch seconds; also the table's TTL attribute.
+    expires_at: i64,
+}
+
+impl From<&PendingRevocation> for RevocationRecord {
+    fn from(p: &PendingRevocation) -> Self {
+        Self {
+            pk: revocation_pk(&p.id),
+            sk: REVOCATION_SK.to_owned(),
+            user_id: p.user_id.as_str().to_owned(),
+            connection_id: p.connection_id.clone(),
+            credentials: p.credentials.as_bytes().to_vec(),
+            created_at: p.created_at,
+            attempts: p.attempts,
+            due_bucket: revocation_bucket(&p.id),
+            due_at: p.due_at.unix_timestamp(),
+            expires_at: p.expires_at.unix_timestamp(),
+        }
+    }
+}
+
+impl TryFrom<RevocationRecord> for PendingRevocation {
+    type Error = StoreError;
+
+    fn try_from(r: RevocationRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: r.pk.strip_prefix("REVOKE#").unwrap_or(&r.pk).to_owned(),
+            user_id: UserId::parse(&r.user_id).ok_or_else(|| corrupt("revocation user_id"))?,
+            connection_id: r.connection_id,
+            credentials: SealedBlob::from_bytes(r.credentials),
+            created_at: r.created_at,
+            attempts: r.attempts,
+            due_at: OffsetDateTime::from_unix_timestamp(r.due_at).map_err(corrupt)?,
+            expires_at: OffsetDateTime::from_unix_timestamp(r.expires_at).map_err(corrupt)?,
+        })
     }
 }
 
@@ -485,12 +741,17 @@ mod tests {
 
     #[test]
     fn due_buckets_are_stable_and_bounded() {
-        let bucket = due_bucket("6b1a4c52-0000-4d8b-9a53-2f1e7c0d3b21");
-        assert_eq!(bucket, due_bucket("6b1a4c52-0000-4d8b-9a53-2f1e7c0d3b21"));
+        let bucket = refresh_bucket("6b1a4c52-0000-4d8b-9a53-2f1e7c0d3b21");
+        assert_eq!(
+            bucket,
+            refresh_bucket("6b1a4c52-0000-4d8b-9a53-2f1e7c0d3b21")
+        );
         let n: u8 = bucket.trim_start_matches("refresh#").parse().unwrap();
         assert!(n < DUE_BUCKETS);
-        let distinct: std::collections::HashSet<_> =
-            (0..200).map(|i| due_bucket(&format!("conn-{i}"))).collect();
+        let distinct: std::collections::HashSet<_> = (0..200)
+            .map(|i| refresh_bucket(&format!("conn-{i}")))
+            .collect();
         assert_eq!(distinct.len(), DUE_BUCKETS as usize);
+        assert!(revocation_bucket("x").starts_with("revoke#"));
     }
 }

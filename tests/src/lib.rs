@@ -192,3 +192,88 @@ pub async fn connect_klaviyo(token: &str, account: &str, account_name: Option<&s
 pub fn klaviyo_account() -> String {
     format!("K{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
+
+// ---- accounts, disconnect, API keys, the refresh job ---------------------------------
+
+/// `GET /api/oauth/accounts` as `token`.
+pub async fn list_accounts(token: &str) -> (reqwest::StatusCode, Value) {
+    let response = http()
+        .get(format!("{}/api/oauth/accounts", api_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("accounts reachable");
+    let status = response.status();
+    (
+        status,
+        response.json().await.expect("accounts answers JSON"),
+    )
+}
+
+/// The caller's accounts (asserting a 200).
+pub async fn accounts_of(token: &str) -> Vec<Value> {
+    let (status, body) = list_accounts(token).await;
+    assert_eq!(status, 200, "{body}");
+    body["accounts"].as_array().expect("accounts array").clone()
+}
+
+/// `DELETE /api/oauth/accounts/{id}` as `token`.
+pub async fn disconnect(token: &str, id: &str) -> (reqwest::StatusCode, Value) {
+    let response = http()
+        .delete(format!("{}/api/oauth/accounts/{id}", api_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("disconnect reachable");
+    let status = response.status();
+    (
+        status,
+        response.json().await.expect("disconnect answers JSON"),
+    )
+}
+
+/// Registers a fresh private API key for `account` in the sandbox and returns it.
+pub async fn register_api_key(account: &str) -> String {
+    let key = format!("pk_sandbox_{}", uuid::Uuid::new_v4().simple());
+    let response = http()
+        .post(format!("{}/sandbox/api-keys", sandbox_url()))
+        .json(&serde_json::json!({"key": key, "account": account, "organization_name": format!("Org of {account}")}))
+        .send()
+        .await
+        .expect("sandbox reachable");
+    assert_eq!(response.status(), 201);
+    key
+}
+
+/// `POST /api/oauth/connect/klaviyo/api-key` as `token` with a JSON body.
+pub async fn connect_api_key(token: &str, body: &Value) -> (reqwest::StatusCode, Value) {
+    let response = http()
+        .post(format!("{}/api/oauth/connect/klaviyo/api-key", api_url()))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("api-key route reachable");
+    let status = response.status();
+    (
+        status,
+        response.json().await.expect("api-key route answers JSON"),
+    )
+}
+
+/// Runs the refresh job once through the local Lambda invoke API and returns its summary.
+pub async fn invoke_refresh() -> Value {
+    let event: Value =
+        serde_json::from_str(include_str!("../../events/scheduled.json")).expect("event fixture");
+    let response = http()
+        .post(format!(
+            "{}/2015-03-31/functions/refresh/invocations",
+            api_url()
+        ))
+        .json(&event)
+        .send()
+        .await
+        .expect("refresh invocable");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("refresh returns its summary")
+}

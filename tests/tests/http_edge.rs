@@ -118,15 +118,14 @@ async fn a_valid_token_gets_past_authentication_on_every_protected_route() {
             StatusCode::UNAUTHORIZED,
             "{method} {path}"
         );
-        assert_ne!(
-            response.status(),
-            StatusCode::NOT_FOUND,
-            "{method} {path} is routed"
-        );
-        assert!(
-            response.status().as_u16() < 500 || response.status() == StatusCode::NOT_IMPLEMENTED
-        );
+        assert!(response.status().as_u16() < 500, "{method} {path}");
         assert_security_headers(&response);
+        // Answered by our handler (its JSON), not by the local router.
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body.get("success").is_some() || body.get("authUrl").is_some(),
+            "{method} {path}: {body}"
+        );
     }
 }
 

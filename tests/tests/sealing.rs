@@ -50,7 +50,6 @@ async fn a_blob_does_not_open_for_another_user_connection_or_purpose() {
         context("someone-else", &conn, Purpose::OAuthTokens),
         context(&user, "another-connection", Purpose::OAuthTokens),
         context(&user, &conn, Purpose::ApiKey),
-        context(&user, &conn, Purpose::PendingRevocation),
     ] {
         let result = sealer.open(other.clone(), &blob).await;
         assert!(

@@ -2,7 +2,7 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use e2e::{environment, setting, unique};
-use shared::store::{DUE_INDEX, due_bucket};
+use shared::store::{DUE_INDEX, refresh_bucket};
 use shared::{
     AuthType, Connection, ConnectionStatus, PendingAuthorization, SealedBlob, Secret, StoreError,
     UserId,
@@ -292,13 +292,13 @@ async fn active_oauth_connections_are_on_the_due_index_and_api_keys_are_not() {
     };
     let sk = |c: &Connection| AttributeValue::S(format!("CONN#{}", c.id));
     assert!(
-        due(due_bucket(&oauth.id))
+        due(refresh_bucket(&oauth.id))
             .await
             .iter()
             .any(|i| i.get("sk") == Some(&sk(&oauth)))
     );
     assert!(
-        !due(due_bucket(&api_key.id))
+        !due(refresh_bucket(&api_key.id))
             .await
             .iter()
             .any(|i| i.get("sk") == Some(&sk(&api_key)))
@@ -314,7 +314,7 @@ async fn active_oauth_connections_are_on_the_due_index_and_api_keys_are_not() {
         .await
         .unwrap();
     assert!(
-        !due(due_bucket(&oauth.id))
+        !due(refresh_bucket(&oauth.id))
             .await
             .iter()
             .any(|i| i.get("sk") == Some(&sk(&oauth)))
