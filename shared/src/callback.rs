@@ -190,6 +190,7 @@ impl Callback {
             last_refreshed_at: None,
             access_token_expires_at: Some(tokens.expires_at),
             refresh_due_at: Some(tokens.expires_at - REFRESH_LEAD),
+            refresh_failures: 0,
             credentials: credentials.seal(&key)?,
             version: 0,
         };

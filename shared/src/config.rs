@@ -41,6 +41,8 @@ pub struct Config {
     pub frontend_url: Url,
     /// Exact origins (`scheme://host[:port]`) allowed to call the API from a browser.
     pub allowed_origins: Vec<String>,
+    /// Connections the refresh job works on at once (`REFRESH_CONCURRENCY`, 1–256).
+    pub refresh_concurrency: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +119,7 @@ impl Config {
             },
             frontend_url,
             allowed_origins,
+            refresh_concurrency: env.bounded("REFRESH_CONCURRENCY", 16, 1..=256)?,
         })
     }
 }
@@ -143,6 +146,30 @@ impl<F: Fn(&str) -> Option<String>> Lookup<'_, F> {
             return Err(ConfigError::new(name, "must not contain whitespace"));
         }
         Ok(value)
+    }
+
+    fn bounded(
+        &self,
+        name: &'static str,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        let Some(raw) = self.optional(name) else {
+            return Ok(default);
+        };
+        raw.parse()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    name,
+                    format!(
+                        "must be a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            })
     }
 
     fn table_name(&self, name: &'static str) -> Result<String, ConfigError> {
@@ -377,6 +404,8 @@ mod tests {
             ("KLAVIYO_API_BASE", "https://a.klaviyo.com/api?x=1"),
             ("KLAVIYO_SCOPES", "accounts:read, lists:read"),
             ("KLAVIYO_API_REVISION", "october"),
+            ("REFRESH_CONCURRENCY", "0"),
+            ("REFRESH_CONCURRENCY", "lots"),
             ("FRONTEND_URL", "https://user:pw@app.example.com"),
             ("ALLOWED_ORIGINS", "*"),
             ("ALLOWED_ORIGINS", "null"),

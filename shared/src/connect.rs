@@ -162,6 +162,7 @@ impl Connect {
             last_refreshed_at: None,
             access_token_expires_at: None,
             refresh_due_at: None,
+            refresh_failures: 0,
             credentials: Credentials::ApiKey(body.api_key)
                 .seal(&key)
                 .map_err(|e| unavailable("sealing", &e))?,

@@ -28,5 +28,6 @@ pub use http::ApiError;
 pub use model::{
     AuthType, Connection, ConnectionStatus, Credentials, PendingAuthorization, PendingRevocation,
 };
+pub use refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 pub use secret::Secret;
 pub use store::{Store, StoreError};

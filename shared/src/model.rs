@@ -80,6 +80,8 @@ pub struct Connection {
     /// When the refresh job should next look at it; `None` when it never should (API keys,
     /// connections needing re-authorisation).
     pub refresh_due_at: Option<OffsetDateTime>,
+    /// Transient refresh failures in a row; drives the retry backoff.
+    pub refresh_failures: u32,
     /// Tokens or API key, sealed to (user id, connection id, purpose).
     pub credentials: SealedBlob,
     /// Incremented by every write; conditional writes compare it.

@@ -1,17 +1,52 @@
-//! The scheduled refresh job (EventBridge): refresh tokens before they expire and finish
-//! pending revocations.
+//! Keeping OAuth tokens fresh: the scheduled job (EventBridge, every few minutes) and
+//! just-in-time access tokens for the host app's own services (`AccessTokens`).
+//!
+//! The job finds connections whose access token expires within 15 minutes with one Query per
+//! `due-index` bucket (never a Scan), streams them through a bounded number of workers, and
+//! stops taking new work well before the Lambda deadline. Each connection is refreshed under
+//! a lease (a conditional write with an expiry), so overlapping runs, retries and
+//! just-in-time refreshes never refresh one connection twice. After taking the lease the
+//! connection is re-read (the lease write returns it) and skipped if someone already
+//! refreshed it. Rotated tokens replace the old ones in one write conditional on `version`.
+//! `invalid_grant` re-reads the stored token before marking the connection `needs_reauth`;
+//! 429/5xx/timeouts keep the tokens and retry on a later run with backoff. The data key for
+//! the new tokens is obtained before Klaviyo is called, so nothing after the rotation depends
+//! on KMS. Each run also finishes pending revocations and logs one summary line.
 
+use crate::auth::UserId;
 use crate::context::{Environment, InitError};
+use crate::crypto::{CryptoError, DataKey, Purpose, Sealer};
+use crate::klaviyo::{Klaviyo, KlaviyoError, TokenSet};
+use crate::model::{Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
 use crate::revocation::Revoker;
+use crate::secret::Secret;
+use crate::store::{ConnectionKey, DUE_BUCKETS, Store, StoreError};
+use futures::StreamExt;
 use serde::Serialize;
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 
+/// How long a worker may hold a connection; far longer than one refresh takes (Klaviyo
+/// calls time out after 6 s), short enough that a crashed worker delays nothing for long.
+pub const LEASE: time::Duration = time::Duration::seconds(60);
+/// Due connections read per Query page.
+const PAGE_SIZE: i32 = 100;
+/// Stop taking new work this long before the Lambda deadline.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+/// Budget when the invoker gives no deadline.
+const DEFAULT_BUDGET: Duration = Duration::from_secs(240);
 /// Pending revocations attempted per run.
 const REVOCATIONS_PER_RUN: usize = 500;
+/// Transient-failure backoff: 1 min, 2 min, 4 min … capped at 30 min.
+const BACKOFF_BASE_SECS: i64 = 60;
+const BACKOFF_MAX_SECS: i64 = 30 * 60;
+/// Never schedule the next refresh sooner than this (tokens with a very short life).
+const MIN_REFRESH_INTERVAL: time::Duration = time::Duration::seconds(60);
 
 /// What one run did; logged as one line and returned to the invoker.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct RunSummary {
     pub selected: u64,
     pub refreshed: u64,
@@ -22,37 +57,369 @@ pub struct RunSummary {
     pub duration_ms: u64,
 }
 
+/// The outcome of one connection's refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Refreshed,
+    NeedsReauth,
+    /// Transient trouble: tokens kept, retried later.
+    Failed,
+    /// Another worker holds the lease (or the connection stopped being eligible).
+    SkippedLocked,
+    /// Already refreshed by someone else, reconnected or disconnected meanwhile.
+    Skipped,
+}
+
+/// Refreshes one connection under its lease. Shared by the job and `AccessTokens`.
+#[derive(Debug, Clone)]
+pub struct Refresher {
+    store: Store,
+    sealer: Sealer,
+    klaviyo: Klaviyo,
+}
+
+impl Refresher {
+    pub fn new(store: Store, sealer: Sealer, klaviyo: Klaviyo) -> Self {
+        Self {
+            store,
+            sealer,
+            klaviyo,
+        }
+    }
+
+    /// Takes the lease of a due connection and refreshes it.
+    pub async fn refresh_due(&self, key: &ConnectionKey, owner: &str) -> Outcome {
+        let now = OffsetDateTime::now_utc();
+        let connection = match self
+            .store
+            .take_refresh_lease(key, owner, now, now + LEASE)
+            .await
+        {
+            Ok(connection) => connection,
+            Err(StoreError::Conflict) => return Outcome::SkippedLocked,
+            Err(StoreError::NotFound) => return Outcome::Skipped,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take a refresh lease");
+                return Outcome::Failed;
+            }
+        };
+        if connection.refresh_due_at.is_none_or(|due| due > now) {
+            // Refreshed by another worker between the index read and the lease.
+            let _ = self.store.release_refresh_lease(key, owner).await;
+            return Outcome::Skipped;
+        }
+        self.refresh_leased(connection, now).await.0
+    }
+
+    /// Refreshes a connection whose lease the caller holds. Every path writes the
+    /// connection (which releases the lease) or leaves the lease to expire.
+    pub async fn refresh_leased(
+        &self,
+        connection: Connection,
+        now: OffsetDateTime,
+    ) -> (Outcome, Option<Secret>) {
+        let (opened, key) = tokio::join!(
+            Credentials::open(&self.sealer, &connection),
+            self.sealer
+                .data_key(connection.seal_context(Purpose::OAuthTokens)),
+        );
+        let credentials = match opened {
+            Ok(credentials) => credentials,
+            Err(CryptoError::Unavailable(e)) => {
+                return (self.back_off(&connection, now, None, &e).await, None);
+            }
+            Err(e) => return (self.needs_reauth(&connection, &e.to_string()).await, None),
+        };
+        let key = match key {
+            Ok(key) => key,
+            Err(e) => {
+                return (
+                    self.back_off(&connection, now, None, &e.to_string()).await,
+                    None,
+                );
+            }
+        };
+        let Some(refresh_token) = credentials.refresh_token() else {
+            return (
+                self.needs_reauth(&connection, "no refresh token").await,
+                None,
+            );
+        };
+        match self.klaviyo.refresh(refresh_token).await {
+            Ok(tokens) => {
+                self.store_refreshed(&connection, refresh_token, tokens, &key, now)
+                    .await
+            }
+            Err(e) if e.is_invalid_grant() => (self.invalid_grant(&connection).await, None),
+            Err(e) => {
+                let retry_after = match &e {
+                    KlaviyoError::RateLimited { retry_after } => *retry_after,
+                    _ => None,
+                };
+                (
+                    self.back_off(&connection, now, retry_after, &e.to_string())
+                        .await,
+                    None,
+                )
+            }
+        }
+    }
+
+    async fn store_refreshed(
+        &self,
+        connection: &Connection,
+        old_refresh_token: &Secret,
+        tokens: TokenSet,
+        key: &DataKey,
+        now: OffsetDateTime,
+    ) -> (Outcome, Option<Secret>) {
+        let rotated = tokens.refresh_token.is_some();
+        let credentials = Credentials::OAuth {
+            access_token: tokens.access_token.clone(),
+            refresh_token: tokens
+                .refresh_token
+                .clone()
+                .unwrap_or_else(|| old_refresh_token.clone()),
+        };
+        let mut updated = connection.clone();
+        updated.credentials = match credentials.seal(key) {
+            Ok(sealed) => sealed,
+            Err(e) => return (self.needs_reauth(connection, &e.to_string()).await, None),
+        };
+        updated.access_token_expires_at = Some(tokens.expires_at);
+        updated.refresh_due_at =
+            Some((tokens.expires_at - REFRESH_LEAD).max(now + MIN_REFRESH_INTERVAL));
+        updated.last_refreshed_at = Some(now);
+        updated.updated_at = now;
+        updated.refresh_failures = 0;
+        if let Some(scopes) = tokens.scopes {
+            updated.scopes = scopes;
+        }
+        match self
+            .store
+            .update_connection_if_version(&updated, connection.version)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed");
+                (Outcome::Refreshed, Some(tokens.access_token))
+            }
+            Err(StoreError::Conflict) => {
+                // Reconnected or disconnected meanwhile: these tokens belong to nobody.
+                if let Some(orphan) = tokens.refresh_token.filter(|_| rotated) {
+                    if let Err(e) = self.klaviyo.revoke(&orphan).await {
+                        tracing::warn!(event = "revocation_failed", connection_id = %connection.id, reason = %e, "could not revoke tokens of a connection changed during refresh");
+                    }
+                }
+                (Outcome::Skipped, None)
+            }
+            Err(e) => {
+                tracing::error!(
+                    event = "refresh_write_failed",
+                    connection_id = %connection.id,
+                    rotated,
+                    error = %e,
+                    "refreshed tokens could not be stored"
+                );
+                (Outcome::Failed, None)
+            }
+        }
+    }
+
+    /// The refresh token was refused. Before giving up, re-read the stored connection: a
+    /// concurrent rotation or reconnect may have replaced the token we used.
+    async fn invalid_grant(&self, used: &Connection) -> Outcome {
+        match self.store.get_connection(&used.user_id, &used.id).await {
+            Ok(current) if current.version != used.version => Outcome::Skipped,
+            Ok(current) => self.needs_reauth(&current, "invalid_grant").await,
+            Err(StoreError::NotFound) => Outcome::Skipped,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not re-read a connection after invalid_grant");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// Off the refresh schedule until the user reconnects; Klaviyo is not called again.
+    async fn needs_reauth(&self, connection: &Connection, reason: &str) -> Outcome {
+        let mut updated = connection.clone();
+        updated.status = ConnectionStatus::NeedsReauth;
+        updated.refresh_due_at = None;
+        updated.updated_at = OffsetDateTime::now_utc();
+        match self
+            .store
+            .update_connection_if_version(&updated, connection.version)
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(
+                    event = "refresh_invalid_grant",
+                    user_id = %connection.user_id,
+                    connection_id = %connection.id,
+                    klaviyo_account_id = %connection.klaviyo_account_id,
+                    reason,
+                    "connection needs re-authorisation"
+                );
+                Outcome::NeedsReauth
+            }
+            Err(StoreError::Conflict) | Err(StoreError::NotFound) => Outcome::Skipped,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not mark a connection needs_reauth");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// Keeps the tokens and schedules another try (after `Retry-After` when Klaviyo gave one).
+    async fn back_off(
+        &self,
+        connection: &Connection,
+        now: OffsetDateTime,
+        retry_after: Option<Duration>,
+        reason: &str,
+    ) -> Outcome {
+        let failures = connection.refresh_failures.saturating_add(1);
+        let delay_secs = match retry_after {
+            Some(after) => (after.as_secs() as i64).clamp(1, BACKOFF_MAX_SECS),
+            None => backoff_secs(failures),
+        };
+        let mut updated = connection.clone();
+        updated.refresh_failures = failures;
+        updated.refresh_due_at = Some(now + time::Duration::seconds(delay_secs));
+        tracing::warn!(
+            event = "refresh_deferred",
+            connection_id = %connection.id,
+            failures,
+            retry_in_secs = delay_secs,
+            reason,
+            "refresh failed; tokens kept, retrying later"
+        );
+        if let Err(e) = self
+            .store
+            .update_connection_if_version(&updated, connection.version)
+            .await
+        {
+            // The lease expires on its own; the connection stays due and is retried.
+            tracing::warn!(error = %e, "could not record the refresh backoff");
+        }
+        Outcome::Failed
+    }
+}
+
+fn backoff_secs(failures: u32) -> i64 {
+    (BACKOFF_BASE_SECS << failures.saturating_sub(1).min(10)).min(BACKOFF_MAX_SECS)
+}
+
+/// Yields the keys of due connections, bucket by bucket, one Query page at a time, as the
+/// workers ask for them.
+fn due_keys(
+    store: &Store,
+    until: OffsetDateTime,
+) -> impl futures::Stream<Item = ConnectionKey> + '_ {
+    struct Cursor {
+        bucket: u8,
+        start: Option<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
+        buffer: VecDeque<ConnectionKey>,
+    }
+    let cursor = Cursor {
+        bucket: 0,
+        start: None,
+        buffer: VecDeque::new(),
+    };
+    futures::stream::unfold(cursor, move |mut cursor| async move {
+        loop {
+            if let Some(key) = cursor.buffer.pop_front() {
+                return Some((key, cursor));
+            }
+            if cursor.bucket >= DUE_BUCKETS {
+                return None;
+            }
+            match store
+                .due_connections(cursor.bucket, until, cursor.start.take(), PAGE_SIZE)
+                .await
+            {
+                Ok(page) => {
+                    cursor.buffer.extend(page.keys);
+                    match page.next {
+                        Some(next) => cursor.start = Some(next),
+                        None => cursor.bucket += 1,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(bucket = cursor.bucket, error = %e, "could not read due connections");
+                    cursor.bucket += 1;
+                }
+            }
+        }
+    })
+}
+
+/// The scheduled job.
 pub struct Refresh {
+    store: Store,
+    refresher: Refresher,
     revoker: Revoker,
+    concurrency: usize,
 }
 
 impl Refresh {
     pub async fn from_env() -> Result<Self, InitError> {
         let env = Environment::load().await?;
         let klaviyo = env.klaviyo().await?;
-        Ok(Self {
-            revoker: Revoker::new(env.store(), env.sealer(), klaviyo),
-        })
+        Ok(Self::new(&env, klaviyo))
     }
 
-    pub async fn run(&self) -> RunSummary {
+    pub fn new(env: &Environment, klaviyo: Klaviyo) -> Self {
+        Self {
+            store: env.store(),
+            refresher: Refresher::new(env.store(), env.sealer(), klaviyo.clone()),
+            revoker: Revoker::new(env.store(), env.sealer(), klaviyo),
+            concurrency: env.config.refresh_concurrency,
+        }
+    }
+
+    /// One run: refresh everything due (until the time budget runs out), then finish
+    /// pending revocations. `deadline` is the invocation's (work stops 30 s before it).
+    pub async fn run(&self, deadline: Option<SystemTime>) -> RunSummary {
         let started = Instant::now();
-        let mut summary = RunSummary::default();
-        tracing::warn!(
-            "token refresh is not implemented yet; only pending revocations are processed"
-        );
-        match self
-            .revoker
-            .finish_due(OffsetDateTime::now_utc(), REVOCATIONS_PER_RUN)
-            .await
-        {
-            Ok(revocations) => {
-                summary.revocations_finished = revocations.finished + revocations.expired;
-                summary.failed += revocations.deferred;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not read pending revocations");
-                summary.failed += 1;
+        let budget = deadline
+            .and_then(|d| d.duration_since(SystemTime::now()).ok())
+            .map_or(DEFAULT_BUDGET, |left| left.saturating_sub(DEADLINE_MARGIN));
+        let stop_at = started + budget;
+        let owner = uuid::Uuid::new_v4().to_string();
+        let until = OffsetDateTime::now_utc();
+        let summary = Mutex::new(RunSummary::default());
+
+        due_keys(&self.store, until)
+            .take_while(|_| std::future::ready(Instant::now() < stop_at))
+            .for_each_concurrent(self.concurrency, |key| {
+                let (summary, owner) = (&summary, &owner);
+                async move {
+                    let outcome = self.refresher.refresh_due(&key, owner).await;
+                    let mut s = summary.lock().unwrap_or_else(|p| p.into_inner());
+                    s.selected += 1;
+                    match outcome {
+                        Outcome::Refreshed => s.refreshed += 1,
+                        Outcome::NeedsReauth => s.needs_reauth += 1,
+                        Outcome::Failed => s.failed += 1,
+                        Outcome::SkippedLocked => s.skipped_locked += 1,
+                        Outcome::Skipped => {}
+                    }
+                }
+            })
+            .await;
+
+        let mut summary = summary.into_inner().unwrap_or_else(|p| p.into_inner());
+        if Instant::now() < stop_at {
+            match self
+                .revoker
+                .finish_due(OffsetDateTime::now_utc(), REVOCATIONS_PER_RUN)
+                .await
+            {
+                Ok(revocations) => {
+                    summary.revocations_finished = revocations.finished + revocations.expired
+                }
+                Err(e) => tracing::error!(error = %e, "could not read pending revocations"),
             }
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
@@ -67,5 +434,165 @@ impl Refresh {
             duration_ms = summary.duration_ms,
         );
         summary
+    }
+}
+
+/// Credentials to call Klaviyo's API with, as the host app's services need them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KlaviyoCredential {
+    /// An OAuth access token: `Authorization: Bearer …`.
+    AccessToken(Secret),
+    /// A private API key: `Authorization: Klaviyo-API-Key …`.
+    ApiKey(Secret),
+}
+
+impl KlaviyoCredential {
+    /// The `Authorization` header value for Klaviyo's API.
+    pub fn authorization(&self) -> Secret {
+        match self {
+            Self::AccessToken(token) => Secret::new(format!("Bearer {}", token.expose())),
+            Self::ApiKey(key) => Secret::new(format!("Klaviyo-API-Key {}", key.expose())),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessTokenError {
+    #[error("no such connection")]
+    NotFound,
+    #[error("the connection needs re-authorisation: the user must reconnect")]
+    NeedsReauth,
+    #[error("could not get a valid token now; retry later: {0}")]
+    Unavailable(String),
+}
+
+/// Just-in-time credentials for a connection: the stored access token while it has at
+/// least `margin` left, otherwise a refresh under the same lease the job uses (waiting for
+/// another worker's refresh when one holds the lease).
+#[derive(Debug, Clone)]
+pub struct AccessTokens {
+    store: Store,
+    sealer: Sealer,
+    refresher: Refresher,
+    margin: time::Duration,
+}
+
+impl AccessTokens {
+    /// Tokens with less than two minutes left are refreshed before being handed out.
+    pub const DEFAULT_MARGIN: time::Duration = time::Duration::minutes(2);
+    const WAIT_FOR_OTHER_WORKER: Duration = Duration::from_millis(250);
+    const ATTEMPTS: u32 = 40;
+
+    pub fn new(env: &Environment, klaviyo: Klaviyo) -> Self {
+        Self {
+            store: env.store(),
+            sealer: env.sealer(),
+            refresher: Refresher::new(env.store(), env.sealer(), klaviyo),
+            margin: Self::DEFAULT_MARGIN,
+        }
+    }
+
+    pub async fn for_connection(
+        &self,
+        user_id: &UserId,
+        connection_id: &str,
+    ) -> Result<KlaviyoCredential, AccessTokenError> {
+        let unavailable = |e: &dyn std::fmt::Display| AccessTokenError::Unavailable(e.to_string());
+        let key = ConnectionKey {
+            user_id: user_id.clone(),
+            connection_id: connection_id.to_owned(),
+        };
+        let owner = format!("jit-{}", uuid::Uuid::new_v4());
+        for _ in 0..Self::ATTEMPTS {
+            let connection = match self.store.get_connection(user_id, connection_id).await {
+                Ok(connection) => connection,
+                Err(StoreError::NotFound) => return Err(AccessTokenError::NotFound),
+                Err(e) => return Err(unavailable(&e)),
+            };
+            if connection.status == ConnectionStatus::NeedsReauth {
+                return Err(AccessTokenError::NeedsReauth);
+            }
+            let credentials = Credentials::open(&self.sealer, &connection)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let now = OffsetDateTime::now_utc();
+            let fresh = connection
+                .access_token_expires_at
+                .is_some_and(|expires| expires > now + self.margin);
+            match credentials {
+                Credentials::ApiKey(key) => return Ok(KlaviyoCredential::ApiKey(key)),
+                Credentials::OAuth { access_token, .. } if fresh => {
+                    return Ok(KlaviyoCredential::AccessToken(access_token));
+                }
+                Credentials::OAuth { access_token, .. } => {
+                    match self
+                        .store
+                        .take_refresh_lease(&key, &owner, now, now + LEASE)
+                        .await
+                    {
+                        Ok(leased) if leased.version == connection.version => {
+                            match self.refresher.refresh_leased(leased, now).await {
+                                (Outcome::Refreshed, Some(token)) => {
+                                    return Ok(KlaviyoCredential::AccessToken(token));
+                                }
+                                (Outcome::NeedsReauth, _) => {
+                                    return Err(AccessTokenError::NeedsReauth);
+                                }
+                                // Klaviyo is having trouble: the current token still works
+                                // until it actually expires.
+                                (Outcome::Failed, _)
+                                    if connection
+                                        .access_token_expires_at
+                                        .is_some_and(|e| e > now) =>
+                                {
+                                    return Ok(KlaviyoCredential::AccessToken(access_token));
+                                }
+                                (Outcome::Failed, _) => {
+                                    return Err(AccessTokenError::Unavailable(
+                                        "Klaviyo refresh failed".into(),
+                                    ));
+                                }
+                                _ => {}
+                            }
+                        }
+                        // Changed since we read it: read again.
+                        Ok(_) => {
+                            let _ = self.store.release_refresh_lease(&key, &owner).await;
+                        }
+                        // Another worker is refreshing it: wait for its result.
+                        Err(StoreError::Conflict) => {
+                            tokio::time::sleep(Self::WAIT_FOR_OTHER_WORKER).await
+                        }
+                        Err(StoreError::NotFound) => return Err(AccessTokenError::NotFound),
+                        Err(e) => return Err(unavailable(&e)),
+                    }
+                }
+            }
+        }
+        Err(AccessTokenError::Unavailable(
+            "the connection is busy being refreshed".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_secs(1), 60);
+        assert_eq!(backoff_secs(2), 120);
+        assert_eq!(backoff_secs(4), 480);
+        assert_eq!(backoff_secs(50), BACKOFF_MAX_SECS);
+    }
+
+    #[test]
+    fn credentials_build_the_authorization_header() {
+        let bearer = KlaviyoCredential::AccessToken(Secret::new("at"));
+        assert_eq!(bearer.authorization().expose(), "Bearer at");
+        let key = KlaviyoCredential::ApiKey(Secret::new("pk_x"));
+        assert_eq!(key.authorization().expose(), "Klaviyo-API-Key pk_x");
+        assert_eq!(format!("{bearer:?}"), "AccessToken([redacted])");
     }
 }

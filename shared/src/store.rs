@@ -67,6 +67,20 @@ where
         .is_some_and(|code| code == "ConditionalCheckFailedException")
 }
 
+/// Where a connection lives, as the due index gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionKey {
+    pub user_id: UserId,
+    pub connection_id: String,
+}
+
+/// One page of connections due for refresh and where the next page starts.
+#[derive(Debug, Default)]
+pub struct DuePage {
+    pub keys: Vec<ConnectionKey>,
+    pub next: Option<HashMap<String, AttributeValue>>,
+}
+
 /// The result of an upsert: what is stored now, and what it replaced.
 #[derive(Debug)]
 pub struct Upserted {
@@ -319,6 +333,116 @@ impl Store {
         }
     }
 
+    // ---- refresh ----------------------------------------------------------------------
+
+    /// A page of connections in `bucket` due by `until` (a Query on `due-index`).
+    pub async fn due_connections(
+        &self,
+        bucket: u8,
+        until: OffsetDateTime,
+        start: Option<Item>,
+        page_size: i32,
+    ) -> Result<DuePage, StoreError> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(DUE_INDEX)
+            .key_condition_expression("due_bucket = :bucket AND due_at <= :until")
+            .expression_attribute_values(
+                ":bucket",
+                AttributeValue::S(bucket_name(REFRESH_BUCKET, bucket)),
+            )
+            .expression_attribute_values(":until", number(until.unix_timestamp()))
+            .set_exclusive_start_key(start)
+            .limit(page_size)
+            .send()
+            .await?;
+        let keys = output
+            .items
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|item| {
+                let pk = item.get("pk")?.as_s().ok()?;
+                let sk = item.get("sk")?.as_s().ok()?;
+                Some(ConnectionKey {
+                    user_id: UserId::parse(pk.strip_prefix("USER#")?)?,
+                    connection_id: sk.strip_prefix(CONNECTION_SK_PREFIX)?.to_owned(),
+                })
+            })
+            .collect();
+        Ok(DuePage {
+            keys,
+            next: output.last_evaluated_key.filter(|k| !k.is_empty()),
+        })
+    }
+
+    /// Takes the refresh lease of an active OAuth connection: a conditional write that
+    /// succeeds only if no unexpired lease is held, so two workers never refresh one
+    /// connection at once. Returns the connection as stored now (the re-read).
+    /// `Conflict` when leased by another worker or no longer eligible.
+    pub async fn take_refresh_lease(
+        &self,
+        key: &ConnectionKey,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Connection, StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self::key(
+                user_pk(&key.user_id),
+                connection_sk(&key.connection_id),
+            )))
+            .update_expression("SET lease_owner = :owner, lease_until = :until")
+            .condition_expression(
+                "attribute_exists(pk) AND #status = :active AND auth_type = :oauth \
+                 AND (attribute_not_exists(lease_until) OR lease_until < :now)",
+            )
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+            .expression_attribute_values(":until", number(until.unix_timestamp()))
+            .expression_attribute_values(":now", number(now.unix_timestamp()))
+            .expression_attribute_values(":active", AttributeValue::S("active".into()))
+            .expression_attribute_values(":oauth", AttributeValue::S("oauth".into()))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(output) => decode_connection(output.attributes.unwrap_or_default()),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::Conflict),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Gives a lease back early (when a worker decides not to refresh after all).
+    pub async fn release_refresh_lease(
+        &self,
+        key: &ConnectionKey,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self::key(
+                user_pk(&key.user_id),
+                connection_sk(&key.connection_id),
+            )))
+            .update_expression("REMOVE lease_owner, lease_until")
+            .condition_expression("lease_owner = :owner")
+            .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     // ---- pending revocations -----------------------------------------------------------
 
     pub async fn put_pending_revocation(
@@ -566,17 +690,22 @@ struct ConnectionRecord {
     /// Epoch seconds when the refresh job should next look at this connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     due_at: Option<i64>,
+    #[serde(default)]
+    refresh_failures: u32,
     #[serde(with = "serde_bytes")]
     credentials: Vec<u8>,
     version: u64,
 }
 
-/// Attributes a connection may lack; a write that leaves them unset removes them.
-const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 4] = [
+/// Attributes a connection may lack; a write that leaves them unset removes them. The
+/// lease is never part of a record, so every full write also releases it.
+const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 6] = [
     "last_refreshed_at",
     "access_token_expires_at",
     "due_bucket",
     "due_at",
+    "lease_owner",
+    "lease_until",
 ];
 
 impl From<&Connection> for ConnectionRecord {
@@ -598,6 +727,7 @@ impl From<&Connection> for ConnectionRecord {
             access_token_expires_at: c.access_token_expires_at,
             due_bucket: c.refresh_due_at.map(|_| refresh_bucket(&c.id)),
             due_at: c.refresh_due_at.map(OffsetDateTime::unix_timestamp),
+            refresh_failures: c.refresh_failures,
             credentials: c.credentials.as_bytes().to_vec(),
             version: c.version,
         }
@@ -675,6 +805,7 @@ fn decode_connection(item: Item) -> Result<Connection, StoreError> {
             .map(OffsetDateTime::from_unix_timestamp)
             .transpose()
             .map_err(corrupt)?,
+        refresh_failures: r.refresh_failures,
         credentials: SealedBlob::from_bytes(r.credentials),
         version: r.version,
     })

@@ -277,3 +277,48 @@ pub async fn invoke_refresh() -> Value {
     assert_eq!(response.status(), 200);
     response.json().await.expect("refresh returns its summary")
 }
+
+// ---- refresh ---------------------------------------------------------------------------
+
+/// Sets how long the sandbox's access tokens for `account` live (and its name).
+pub async fn set_token_lifetime(account: &str, seconds: u64) {
+    let response = http()
+        .put(format!("{}/sandbox/accounts/{account}", sandbox_url()))
+        .json(&serde_json::json!({"organization_name": format!("Org of {account}"), "access_token_ttl_secs": seconds}))
+        .send()
+        .await
+        .expect("sandbox reachable");
+    assert_eq!(response.status(), 204);
+}
+
+/// Connects `account` for `token` with access tokens that expire in a minute, so the
+/// connection is due for refresh at once; later tokens live an hour (not due again).
+pub async fn connect_due(token: &str, account: &str) -> String {
+    set_token_lifetime(account, 60).await;
+    let landed = connect_klaviyo(token, account, None).await;
+    assert_eq!(landed, settings_page("connected=klaviyo"));
+    set_token_lifetime(account, 3600).await;
+    accounts_of(token)
+        .await
+        .iter()
+        .find(|a| a["klaviyoAccountId"] == account)
+        .and_then(|a| a["id"].as_str())
+        .expect("connected")
+        .to_owned()
+}
+
+/// How many refresh-token grants the sandbox received for `account`.
+pub async fn refresh_grants(account: &str) -> usize {
+    received(account, "token")
+        .await
+        .iter()
+        .filter(|r| r["form"]["grant_type"] == "refresh_token")
+        .count()
+}
+
+/// The refresh job, in this process, against the same stack the functions use.
+pub async fn refresh_job() -> shared::refresh::Refresh {
+    let env = environment().await;
+    let klaviyo = env.klaviyo().await.expect("Klaviyo client");
+    shared::refresh::Refresh::new(&env, klaviyo)
+}

@@ -5,8 +5,10 @@ use shared::refresh::Refresh;
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let refresh = Refresh::from_env().await?;
-    run(service_fn(|_: LambdaEvent<serde_json::Value>| async {
-        Ok::<_, Error>(refresh.run().await)
+    let refresh = &refresh;
+    run(service_fn(|event: LambdaEvent<serde_json::Value>| {
+        let deadline = event.context.deadline();
+        async move { Ok::<_, Error>(refresh.run(Some(deadline)).await) }
     }))
     .await
 }
