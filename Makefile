@@ -1,5 +1,5 @@
 # The two commands (see README.md). Everything they need is installed into .venv by them.
-.PHONY: dev test
+.PHONY: dev test package
 
 ## Run the whole system locally: local AWS, the functions under cargo lambda watch.
 dev:
@@ -8,3 +8,7 @@ dev:
 ## Run every check and test against a local stack of its own.
 test:
 	scripts/test.sh
+
+## Build the release arm64 zips SAM deploys and print their sizes.
+package:
+	scripts/package.sh

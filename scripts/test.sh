@@ -11,6 +11,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "Tooling (.venv)"
 scripts/venv.sh
 
+step "cfn-lint template.yaml"
+.venv/bin/cfn-lint template.yaml
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -10,6 +10,8 @@
 //! - `POST   /sandbox/api-keys`               `{"key", "account", "organization_name"?}`
 //! - `POST   /sandbox/accounts/{id}/revoke-all`   the user removed the app: every token dies
 //! - `POST   /sandbox/accounts/{id}/expire-access-tokens`
+//! - `POST   /sandbox/accounts/{id}/tokens`    `{"count": N}`: mint N token pairs (seeding
+//!   benchmarks without N browser flows)
 
 use crate::state::{Account, Endpoint, Fault, Sandbox};
 use axum::extract::{Path, Query, State};
@@ -39,6 +41,7 @@ pub fn routes() -> Router<Arc<Sandbox>> {
             "/sandbox/accounts/{id}/expire-access-tokens",
             post(expire_access_tokens),
         )
+        .route("/sandbox/accounts/{id}/tokens", post(mint_tokens))
 }
 
 #[derive(Deserialize)]
@@ -137,6 +140,39 @@ async fn revoke_all(State(sandbox): App, Path(id): Path<String>) -> Response {
         state.revoke_family(&family);
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct Mint {
+    count: usize,
+}
+
+/// At most this many pairs per call.
+const MAX_MINT: usize = 10_000;
+
+async fn mint_tokens(
+    State(sandbox): App,
+    Path(id): Path<String>,
+    Json(mint): Json<Mint>,
+) -> Response {
+    if mint.count > MAX_MINT {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("count must be at most {MAX_MINT}"),
+        )
+            .into_response();
+    }
+    let mut state = sandbox.state();
+    state.ensure_account(&id, None);
+    let scopes = "accounts:read lists:read";
+    let pairs: Vec<_> = (0..mint.count)
+        .map(|_| {
+            let family = crate::state::random_token();
+            let (access, refresh, ttl) = state.issue_tokens(&id, scopes, &family);
+            json!({"access_token": access, "refresh_token": refresh, "expires_in": ttl})
+        })
+        .collect();
+    Json(pairs).into_response()
 }
 
 async fn expire_access_tokens(State(sandbox): App, Path(id): Path<String>) -> Response {

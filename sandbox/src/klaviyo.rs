@@ -247,6 +247,52 @@ fn parse_form(headers: &HeaderMap, body: &Bytes) -> Option<BTreeMap<String, Stri
     is_form.then(|| url::form_urlencoded::parse(body).into_owned().collect())
 }
 
+/// What the token and revoke endpoints received.
+struct Incoming<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
+}
+
+/// The common front of the token and revoke endpoints: record the request, apply injected
+/// faults, then require a form body and HTTP Basic client authentication.
+async fn oauth_front(
+    sandbox: &Sandbox,
+    endpoint: Endpoint,
+    request: &Incoming<'_>,
+    form: &BTreeMap<String, String>,
+    account: Option<&str>,
+) -> Option<Response> {
+    record(
+        sandbox,
+        endpoint,
+        request.method,
+        request.uri,
+        request.headers,
+        form,
+        account,
+    );
+    if let Some(response) = faults(sandbox, endpoint, account).await {
+        return Some(response);
+    }
+    if parse_form(request.headers, request.body).is_none() {
+        return Some(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "expected a form body",
+        ));
+    }
+    if !client_authenticated(sandbox, request.headers) {
+        return Some(oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        ));
+    }
+    None
+}
+
 fn verifier_matches(verifier: &str, challenge: &str) -> bool {
     let shape_ok = (43..=128).contains(&verifier.len())
         && verifier
@@ -277,31 +323,22 @@ async fn token(
             _ => None,
         }
     };
-    record(
+    let request = Incoming {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+    };
+    if let Some(refusal) = oauth_front(
         &sandbox,
         Endpoint::Token,
-        &method,
-        &uri,
-        &headers,
+        &request,
         &form,
         account.as_deref(),
-    );
-    if let Some(response) = faults(&sandbox, Endpoint::Token, account.as_deref()).await {
-        return response;
-    }
-    if parse_form(&headers, &body).is_none() {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "expected a form body",
-        );
-    }
-    if !client_authenticated(&sandbox, &headers) {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "client authentication failed",
-        );
+    )
+    .await
+    {
+        return refusal;
     }
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
     let mut state = sandbox.state();
@@ -397,31 +434,22 @@ async fn revoke(
             .map(|g| g.account.clone())
             .or_else(|| state.access_tokens.get(&token).map(|g| g.account.clone()))
     };
-    record(
+    let request = Incoming {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+    };
+    if let Some(refusal) = oauth_front(
         &sandbox,
         Endpoint::Revoke,
-        &method,
-        &uri,
-        &headers,
+        &request,
         &form,
         account.as_deref(),
-    );
-    if let Some(response) = faults(&sandbox, Endpoint::Revoke, account.as_deref()).await {
-        return response;
-    }
-    if parse_form(&headers, &body).is_none() {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "expected a form body",
-        );
-    }
-    if !client_authenticated(&sandbox, &headers) {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "client authentication failed",
-        );
+    )
+    .await
+    {
+        return refusal;
     }
     let mut state = sandbox.state();
     let family = state

@@ -59,7 +59,7 @@ impl Callback {
             frontend: env.frontend(),
             store: env.store(),
             sealer: env.sealer(),
-            revoker: Revoker::new(env.store(), env.sealer(), klaviyo.clone()),
+            revoker: env.revoker(klaviyo.clone()),
             klaviyo,
         })
     }

@@ -60,7 +60,7 @@ impl Connect {
             auth: env.jwt_verifier().await?,
             store: env.store(),
             sealer: env.sealer(),
-            revoker: Revoker::new(env.store(), env.sealer(), klaviyo.clone()),
+            revoker: env.revoker(klaviyo.clone()),
             klaviyo,
         })
     }

@@ -7,6 +7,7 @@ use crate::config::{Config, ConfigError};
 use crate::crypto::Sealer;
 use crate::http::{FrontendRedirects, Web};
 use crate::klaviyo::Klaviyo;
+use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::Store;
 use aws_config::retry::RetryConfig;
@@ -101,6 +102,10 @@ impl Environment {
         Klaviyo::new(&self.config.klaviyo, &secret)
             .map_err(InitError::Klaviyo)
             .inspect_err(log_failure)
+    }
+
+    pub fn revoker(&self, klaviyo: Klaviyo) -> Revoker {
+        Revoker::new(self.store(), self.sealer(), klaviyo)
     }
 
     pub fn frontend(&self) -> FrontendRedirects {

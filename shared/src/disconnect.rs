@@ -49,7 +49,7 @@ impl Disconnect {
             auth: env.jwt_verifier().await?,
             store: env.store(),
             sealer: env.sealer(),
-            revoker: Revoker::new(env.store(), env.sealer(), klaviyo),
+            revoker: env.revoker(klaviyo),
         })
     }
 

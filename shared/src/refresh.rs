@@ -373,7 +373,7 @@ impl Refresh {
         Self {
             store: env.store(),
             refresher: Refresher::new(env.store(), env.sealer(), klaviyo.clone()),
-            revoker: Revoker::new(env.store(), env.sealer(), klaviyo),
+            revoker: env.revoker(klaviyo),
             concurrency: env.config.refresh_concurrency,
         }
     }

@@ -295,9 +295,15 @@ pub async fn set_token_lifetime(account: &str, seconds: u64) {
 /// connection is due for refresh at once; later tokens live an hour (not due again).
 pub async fn connect_due(token: &str, account: &str) -> String {
     set_token_lifetime(account, 60).await;
+    let id = connected_id(token, account).await;
+    set_token_lifetime(account, 3600).await;
+    id
+}
+
+/// Connects `account` through the whole OAuth flow and returns the connection's id.
+pub async fn connected_id(token: &str, account: &str) -> String {
     let landed = connect_klaviyo(token, account, None).await;
     assert_eq!(landed, settings_page("connected=klaviyo"));
-    set_token_lifetime(account, 3600).await;
     accounts_of(token)
         .await
         .iter()

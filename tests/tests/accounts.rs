@@ -2,8 +2,8 @@
 //! and connecting with a private API key, end to end over HTTP.
 
 use e2e::{
-    accounts_of, api_url, connect_api_key, connect_klaviyo, disconnect, environment, http,
-    inject_fault, invoke_refresh, issued_tokens, klaviyo_account, list_accounts, received,
+    accounts_of, api_url, connect_api_key, connect_klaviyo, connected_id, disconnect, environment,
+    http, inject_fault, invoke_refresh, issued_tokens, klaviyo_account, list_accounts, received,
     refresh_tokens, register_api_key, sandbox_url, settings_page, token_for, unique,
 };
 use serde_json::{Value, json};
@@ -141,11 +141,7 @@ async fn disconnect_removes_the_connection_and_revokes_its_token_at_klaviyo() {
     let user = unique("user");
     let token = token_for(&user).await;
     let account = klaviyo_account();
-    connect_klaviyo(&token, &account, None).await;
-    let id = accounts_of(&token).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = connected_id(&token, &account).await;
     let refresh = refresh_tokens(&account, "active").await;
 
     let (status, body) = disconnect(&token, &id).await;
@@ -186,11 +182,7 @@ async fn unknown_and_foreign_ids_get_the_same_404_and_change_nothing() {
     let (alice, bob) = (unique("alice"), unique("bob"));
     let (alice_token, bob_token) = (token_for(&alice).await, token_for(&bob).await);
     let bobs_account = klaviyo_account();
-    connect_klaviyo(&bob_token, &bobs_account, None).await;
-    let bobs_id = accounts_of(&bob_token).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let bobs_id = connected_id(&bob_token, &bobs_account).await;
 
     let (status, foreign) = disconnect(&alice_token, &bobs_id).await;
     assert_eq!(status, 404);
@@ -224,11 +216,7 @@ async fn concurrent_disconnects_of_one_connection_succeed_once() {
     let user = unique("user");
     let token = token_for(&user).await;
     let account = klaviyo_account();
-    connect_klaviyo(&token, &account, None).await;
-    let id = accounts_of(&token).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = connected_id(&token, &account).await;
     let (a, b) = tokio::join!(disconnect(&token, &id), disconnect(&token, &id));
     let mut statuses = [a.0.as_u16(), b.0.as_u16()];
     statuses.sort_unstable();
@@ -243,11 +231,7 @@ async fn when_klaviyo_is_down_the_disconnect_succeeds_and_the_refresh_job_finish
     let user = unique("user");
     let token = token_for(&user).await;
     let account = klaviyo_account();
-    connect_klaviyo(&token, &account, None).await;
-    let id = accounts_of(&token).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = connected_id(&token, &account).await;
     inject_fault(
         json!({"endpoint": "revoke", "account": account, "kind": "status", "status": 503}),
     )
@@ -501,11 +485,7 @@ async fn a_revocation_that_times_out_is_retried_then_deferred_without_failing_th
     let user = unique("user");
     let token = token_for(&user).await;
     let account = klaviyo_account();
-    connect_klaviyo(&token, &account, None).await;
-    let id = accounts_of(&token).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = connected_id(&token, &account).await;
     inject_fault(json!({"endpoint": "revoke", "account": account, "kind": "timeout"})).await;
     let started = std::time::Instant::now();
     let (status, _) = disconnect(&token, &id).await;

@@ -7,9 +7,9 @@
 //! never on another run's counts.
 
 use e2e::{
-    accounts_of, connect_api_key, connect_due, connect_klaviyo, environment, http, inject_fault,
-    invoke_refresh, klaviyo_account, refresh_grants, refresh_job, refresh_tokens, register_api_key,
-    sandbox_url, token_for, unique,
+    accounts_of, connect_api_key, connect_due, connect_klaviyo, connected_id, environment, http,
+    inject_fault, invoke_refresh, klaviyo_account, refresh_grants, refresh_job, refresh_tokens,
+    register_api_key, sandbox_url, token_for, unique,
 };
 use serde_json::json;
 use shared::refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
@@ -347,11 +347,7 @@ async fn access_tokens_are_handed_out_fresh_and_refreshed_just_in_time() {
 
     // A fresh token is handed out as stored, without calling Klaviyo.
     let fresh_account = klaviyo_account();
-    connect_klaviyo(&token, &fresh_account, None).await;
-    let fresh_id = accounts_of(&token).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let fresh_id = connected_id(&token, &fresh_account).await;
     let handed = tokens.for_connection(&user_id, &fresh_id).await.unwrap();
     let (stored_access, _) = tokens_of(&stored(&user, &fresh_id).await).await;
     assert_eq!(

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Refresh throughput benchmark (not a test):
+#   scripts/bench-refresh.sh [N=10000] [LATENCY_MS=50] [CONCURRENCY=64] [N2 ...]
+# Brings up a local stack of its own (moto + Klaviyo sandbox), prints the emulators' floor,
+# then for each N: seeds N connections due for refresh and runs the refresh job over them
+# with LATENCY_MS added to every Klaviyo token call. Prints connections/second and peak RSS.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+latency="${2:-50}"
+export REFRESH_CONCURRENCY="${3:-64}"
+sizes=("${1:-10000}" "${@:4}")
+
+scripts/venv.sh
+export LOCAL_STACK_DIR="$root/.local/bench-$$"
+trap 'scripts/local-stack.sh down' EXIT
+eval "$(scripts/local-stack.sh up)"
+
+echo "Building the benchmark (bench profile)..." >&2
+cargo bench -p e2e --bench refresh --no-run 2>&1 | tail -1 >&2
+bench() { cargo bench -q -p e2e --bench refresh -- "$@" 2>/dev/null; }
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+bench floor
+for n in "${sizes[@]}"; do
+  bench seed "$n"
+  bench run "$latency"
+done

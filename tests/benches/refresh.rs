@@ -1,0 +1,211 @@
+//! Refresh throughput benchmark (not a test). Run it with `scripts/bench-refresh.sh`, which
+//! brings up a local stack of its own and calls the three steps below as separate
+//! processes, so the `run` step's peak memory is the refresh job's alone.
+//!
+//! - `seed N`     N OAuth connections due for refresh, with real tokens minted by the sandbox
+//! - `run MS`     the refresh job (the library the `refresh` function runs) over everything
+//!   due, with MS of added latency on every Klaviyo token call; prints connections/second
+//!   and peak RSS. Concurrency comes from `REFRESH_CONCURRENCY`, as in the function.
+//! - `floor`      the emulators' own round-trip times, to read the figures against
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use shared::{
+    AuthType, Connection, ConnectionStatus, Credentials, Environment, Purpose, SealContext, Secret,
+    UserId,
+};
+use std::time::{Duration, Instant, SystemTime};
+use time::OffsetDateTime;
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; everything else is ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let number =
+        |i: usize, default: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    match args.first().map(String::as_str) {
+        Some("seed") => seed(number(1, 10_000) as usize).await,
+        Some("run") => run(number(1, 50)).await,
+        Some("floor") => floor().await,
+        _ => eprintln!(
+            "usage: refresh (seed N | run LATENCY_MS | floor); see scripts/bench-refresh.sh"
+        ),
+    }
+}
+
+fn sandbox() -> String {
+    std::env::var("KLAVIYO_SANDBOX_URL").expect("run through scripts/bench-refresh.sh")
+}
+
+async fn seed(n: usize) {
+    let started = Instant::now();
+    let env = Environment::load().await.expect("local stack environment");
+    let (store, sealer) = (env.store(), env.sealer());
+    let http = reqwest::Client::new();
+    let account = format!("BENCH{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut pairs: Vec<Value> = Vec::with_capacity(n);
+    while pairs.len() < n {
+        let count = (n - pairs.len()).min(5_000);
+        let minted: Vec<Value> = http
+            .post(format!("{}/sandbox/accounts/{account}/tokens", sandbox()))
+            .json(&json!({"count": count}))
+            .send()
+            .await
+            .expect("sandbox")
+            .json()
+            .await
+            .expect("minted tokens");
+        pairs.extend(minted);
+    }
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("whole seconds");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let seeded = futures::stream::iter(pairs.into_iter().enumerate())
+        .map(|(i, pair)| {
+            let (store, sealer, account, run) = (&store, &sealer, &account, &run);
+            async move {
+                let user = UserId::parse(&format!("bench-{run}-{i}")).expect("user id");
+                let id = Connection::id_for(&user, account);
+                let key = sealer
+                    .data_key(SealContext::new(user.as_str(), &id, Purpose::OAuthTokens))
+                    .await
+                    .expect("data key");
+                let credentials = Credentials::OAuth {
+                    access_token: Secret::new(
+                        pair["access_token"].as_str().expect("access").to_owned(),
+                    ),
+                    refresh_token: Secret::new(
+                        pair["refresh_token"].as_str().expect("refresh").to_owned(),
+                    ),
+                };
+                let connection = Connection {
+                    id,
+                    user_id: user,
+                    account_name: "Bench".into(),
+                    klaviyo_account_id: account.clone(),
+                    klaviyo_account_name: "Bench Org".into(),
+                    auth_type: AuthType::OAuth,
+                    status: ConnectionStatus::Active,
+                    scopes: vec!["accounts:read".into()],
+                    connected_at: now,
+                    updated_at: now,
+                    last_refreshed_at: None,
+                    access_token_expires_at: Some(now + time::Duration::minutes(10)),
+                    refresh_due_at: Some(now - time::Duration::seconds(1)),
+                    refresh_failures: 0,
+                    credentials: credentials.seal(&key).expect("seal"),
+                    version: 0,
+                };
+                store
+                    .upsert_connection(&connection)
+                    .await
+                    .expect("seed write");
+            }
+        })
+        .buffer_unordered(32)
+        .count()
+        .await;
+    println!(
+        "seeded {seeded} due connections (Klaviyo account {account}) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+async fn set_latency(ms: u64) {
+    let http = reqwest::Client::new();
+    http.delete(format!("{}/sandbox/faults", sandbox()))
+        .send()
+        .await
+        .expect("sandbox");
+    if ms > 0 {
+        let fault = json!({"endpoint": "token", "kind": "latency", "ms": ms});
+        let response = http
+            .post(format!("{}/sandbox/faults", sandbox()))
+            .json(&fault)
+            .send()
+            .await
+            .expect("sandbox");
+        assert_eq!(response.status(), 201);
+    }
+}
+
+async fn run(latency_ms: u64) {
+    set_latency(latency_ms).await;
+    let env = Environment::load().await.expect("local stack environment");
+    let klaviyo = env.klaviyo().await.expect("Klaviyo client");
+    let concurrency = env.config.refresh_concurrency;
+    let job = shared::refresh::Refresh::new(&env, klaviyo);
+    let rss_before = memory("VmRSS");
+    let started = Instant::now();
+    // A generous deadline: the benchmark measures throughput, not the budget cut-off.
+    let summary = job
+        .run(Some(SystemTime::now() + Duration::from_secs(3600)))
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    set_latency(0).await;
+    println!(
+        "refreshed {} of {} selected ({} failed, {} skipped_locked) in {seconds:.2} s: {:.0} connections/s \
+         | concurrency {concurrency}, Klaviyo latency {latency_ms} ms | RSS before {:.1} MB, peak {:.1} MB",
+        summary.refreshed,
+        summary.selected,
+        summary.failed,
+        summary.skipped_locked,
+        summary.refreshed as f64 / seconds,
+        rss_before / 1024.0,
+        memory("VmHWM") / 1024.0,
+    );
+}
+
+/// A `/proc/self/status` figure in kB.
+fn memory(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Sequential round trips to each emulator: what one refresh costs before any of our work.
+async fn floor() {
+    const ROUNDS: u32 = 200;
+    let env = Environment::load().await.expect("local stack environment");
+    let (store, sealer) = (env.store(), env.sealer());
+    let user = UserId::parse("bench-floor").expect("user id");
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        let _ = store.get_connection(&user, "none").await;
+    }
+    let get = started.elapsed() / ROUNDS;
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        sealer
+            .data_key(SealContext::new("bench", "floor", Purpose::OAuthTokens))
+            .await
+            .expect("data key");
+    }
+    let kms = started.elapsed() / ROUNDS;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        http.get(format!("{}/sandbox/health", sandbox()))
+            .send()
+            .await
+            .expect("sandbox");
+    }
+    let sandbox_rtt = started.elapsed() / ROUNDS;
+    println!(
+        "emulator floor (sequential, mean of {ROUNDS}): DynamoDB GetItem {:.2} ms | KMS GenerateDataKey {:.2} ms | sandbox HTTP {:.2} ms",
+        get.as_secs_f64() * 1e3,
+        kms.as_secs_f64() * 1e3,
+        sandbox_rtt.as_secs_f64() * 1e3,
+    );
+}
