@@ -46,7 +46,9 @@ step "Local stack"
 eval "$(scripts/local-stack.sh up)"
 
 step "cargo lambda watch on $LOCAL_API_URL"
-setsid scripts/watch.sh --ignore-changes > "$LOCAL_STACK_DIR/watch.log" 2>&1 &
+# Everything the functions log goes here; tests/tests/log_hygiene.rs reads it.
+export FUNCTIONS_LOG="$LOCAL_STACK_DIR/watch.log"
+setsid scripts/watch.sh --ignore-changes > "$FUNCTIONS_LOG" 2>&1 &
 watch_pid=$!
 .venv/bin/python scripts/warm_up.py "$LOCAL_API_URL" 600
 

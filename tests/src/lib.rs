@@ -63,6 +63,20 @@ pub async fn token_for(user: &str) -> String {
     sign(Algorithm::HS256, &jwt_key().await, &claims(user))
 }
 
+/// Sends `request` and returns its status and JSON body.
+pub async fn answer(request: reqwest::RequestBuilder, what: &str) -> (reqwest::StatusCode, Value) {
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what} reachable: {e}"));
+    let status = response.status();
+    let body = response
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{what} answers JSON: {e}"));
+    (status, body)
+}
+
 /// A name no other test (or earlier run against the same stack) uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -143,9 +157,7 @@ pub async fn connect(token: &str, account_name: Option<&str>) -> (reqwest::Statu
     if let Some(name) = account_name {
         request = request.query(&[("accountName", name)]);
     }
-    let response = request.send().await.expect("connect reachable");
-    let status = response.status();
-    (status, response.json().await.expect("connect answers JSON"))
+    answer(request, "connect").await
 }
 
 /// Starts a connection and returns the authorize URL.
@@ -197,17 +209,10 @@ pub fn klaviyo_account() -> String {
 
 /// `GET /api/oauth/accounts` as `token`.
 pub async fn list_accounts(token: &str) -> (reqwest::StatusCode, Value) {
-    let response = http()
+    let request = http()
         .get(format!("{}/api/oauth/accounts", api_url()))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("accounts reachable");
-    let status = response.status();
-    (
-        status,
-        response.json().await.expect("accounts answers JSON"),
-    )
+        .bearer_auth(token);
+    answer(request, "accounts").await
 }
 
 /// The caller's accounts (asserting a 200).
@@ -219,17 +224,10 @@ pub async fn accounts_of(token: &str) -> Vec<Value> {
 
 /// `DELETE /api/oauth/accounts/{id}` as `token`.
 pub async fn disconnect(token: &str, id: &str) -> (reqwest::StatusCode, Value) {
-    let response = http()
+    let request = http()
         .delete(format!("{}/api/oauth/accounts/{id}", api_url()))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("disconnect reachable");
-    let status = response.status();
-    (
-        status,
-        response.json().await.expect("disconnect answers JSON"),
-    )
+        .bearer_auth(token);
+    answer(request, "disconnect").await
 }
 
 /// Registers a fresh private API key for `account` in the sandbox and returns it.
@@ -247,18 +245,11 @@ pub async fn register_api_key(account: &str) -> String {
 
 /// `POST /api/oauth/connect/klaviyo/api-key` as `token` with a JSON body.
 pub async fn connect_api_key(token: &str, body: &Value) -> (reqwest::StatusCode, Value) {
-    let response = http()
+    let request = http()
         .post(format!("{}/api/oauth/connect/klaviyo/api-key", api_url()))
         .bearer_auth(token)
-        .json(body)
-        .send()
-        .await
-        .expect("api-key route reachable");
-    let status = response.status();
-    (
-        status,
-        response.json().await.expect("api-key route answers JSON"),
-    )
+        .json(body);
+    answer(request, "api-key route").await
 }
 
 /// Runs the refresh job once through the local Lambda invoke API and returns its summary.
