@@ -55,14 +55,6 @@ impl Environment {
         })
     }
 
-    /// For tests and tools that build a `Config` themselves.
-    pub async fn with_config(config: Config) -> Self {
-        Self {
-            config,
-            sdk: load_aws().await,
-        }
-    }
-
     pub fn store(&self) -> Store {
         Store::new(
             aws_sdk_dynamodb::Client::new(&self.sdk),

@@ -42,8 +42,6 @@ pub enum ApiError {
     },
     #[error("The service is temporarily unavailable; please retry.")]
     Unavailable,
-    #[error("This endpoint is not implemented yet.")]
-    NotImplemented,
 }
 
 impl ApiError {
@@ -66,7 +64,6 @@ impl ApiError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -81,7 +78,6 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable => "service_unavailable",
-            Self::NotImplemented => "not_implemented",
         }
     }
 

@@ -17,7 +17,7 @@ use crate::auth::UserId;
 use crate::context::{Environment, InitError};
 use crate::crypto::{CryptoError, DataKey, Purpose, Sealer};
 use crate::klaviyo::{Klaviyo, KlaviyoError, TokenSet};
-use crate::model::{Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
+use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
 use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::{ConnectionKey, DUE_BUCKETS, Store, StoreError};
@@ -512,66 +512,67 @@ impl AccessTokens {
             if connection.status == ConnectionStatus::NeedsReauth {
                 return Err(AccessTokenError::NeedsReauth);
             }
-            let credentials = Credentials::open(&self.sealer, &connection)
-                .await
-                .map_err(|e| unavailable(&e))?;
             let now = OffsetDateTime::now_utc();
-            let fresh = connection
-                .access_token_expires_at
-                .is_some_and(|expires| expires > now + self.margin);
-            match credentials {
-                Credentials::ApiKey(key) => return Ok(KlaviyoCredential::ApiKey(key)),
-                Credentials::OAuth { access_token, .. } if fresh => {
-                    return Ok(KlaviyoCredential::AccessToken(access_token));
-                }
-                Credentials::OAuth { access_token, .. } => {
-                    match self
-                        .store
-                        .take_refresh_lease(&key, &owner, now, now + LEASE)
-                        .await
-                    {
-                        Ok(leased) if leased.version == connection.version => {
-                            match self.refresher.refresh_leased(leased, now).await {
-                                (Outcome::Refreshed, Some(token)) => {
-                                    return Ok(KlaviyoCredential::AccessToken(token));
-                                }
-                                (Outcome::NeedsReauth, _) => {
-                                    return Err(AccessTokenError::NeedsReauth);
-                                }
-                                // Klaviyo is having trouble: the current token still works
-                                // until it actually expires.
-                                (Outcome::Failed, _)
-                                    if connection
-                                        .access_token_expires_at
-                                        .is_some_and(|e| e > now) =>
-                                {
-                                    return Ok(KlaviyoCredential::AccessToken(access_token));
-                                }
-                                (Outcome::Failed, _) => {
-                                    return Err(AccessTokenError::Unavailable(
-                                        "Klaviyo refresh failed".into(),
-                                    ));
-                                }
-                                _ => {}
-                            }
+            let expires_after = |margin| {
+                connection
+                    .access_token_expires_at
+                    .is_some_and(|expires| expires > now + margin)
+            };
+            // Stored credentials are opened only when they are what is handed out; the
+            // refresh path opens them itself (one KMS call either way).
+            if connection.auth_type == AuthType::ApiKey || expires_after(self.margin) {
+                return self.stored(&connection).await;
+            }
+            match self
+                .store
+                .take_refresh_lease(&key, &owner, now, now + LEASE)
+                .await
+            {
+                Ok(leased) if leased.version == connection.version => {
+                    match self.refresher.refresh_leased(leased, now).await {
+                        (Outcome::Refreshed, Some(token)) => {
+                            return Ok(KlaviyoCredential::AccessToken(token));
                         }
-                        // Changed since we read it: read again.
-                        Ok(_) => {
-                            let _ = self.store.release_refresh_lease(&key, &owner).await;
+                        (Outcome::NeedsReauth, _) => return Err(AccessTokenError::NeedsReauth),
+                        // Klaviyo is having trouble: the current token still works until it
+                        // actually expires.
+                        (Outcome::Failed, _) if expires_after(time::Duration::ZERO) => {
+                            return self.stored(&connection).await;
                         }
-                        // Another worker is refreshing it: wait for its result.
-                        Err(StoreError::Conflict) => {
-                            tokio::time::sleep(Self::WAIT_FOR_OTHER_WORKER).await
+                        (Outcome::Failed, _) => {
+                            return Err(AccessTokenError::Unavailable(
+                                "Klaviyo refresh failed".into(),
+                            ));
                         }
-                        Err(StoreError::NotFound) => return Err(AccessTokenError::NotFound),
-                        Err(e) => return Err(unavailable(&e)),
+                        _ => {}
                     }
                 }
+                // Changed since we read it: read again.
+                Ok(_) => {
+                    let _ = self.store.release_refresh_lease(&key, &owner).await;
+                }
+                // Another worker is refreshing it: wait for its result.
+                Err(StoreError::Conflict) => tokio::time::sleep(Self::WAIT_FOR_OTHER_WORKER).await,
+                Err(StoreError::NotFound) => return Err(AccessTokenError::NotFound),
+                Err(e) => return Err(unavailable(&e)),
             }
         }
         Err(AccessTokenError::Unavailable(
             "the connection is busy being refreshed".into(),
         ))
+    }
+}
+
+impl AccessTokens {
+    /// The connection's stored credentials, as handed out (one KMS call).
+    async fn stored(&self, connection: &Connection) -> Result<KlaviyoCredential, AccessTokenError> {
+        match Credentials::open(&self.sealer, connection).await {
+            Ok(Credentials::ApiKey(key)) => Ok(KlaviyoCredential::ApiKey(key)),
+            Ok(Credentials::OAuth { access_token, .. }) => {
+                Ok(KlaviyoCredential::AccessToken(access_token))
+            }
+            Err(e) => Err(AccessTokenError::Unavailable(e.to_string())),
+        }
     }
 }
 

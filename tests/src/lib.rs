@@ -77,6 +77,25 @@ pub async fn answer(request: reqwest::RequestBuilder, what: &str) -> (reqwest::S
     (status, body)
 }
 
+/// An item read straight from the table (consistent), bypassing the store's decoding.
+pub async fn raw_item(
+    pk: String,
+    sk: &str,
+) -> Option<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    aws_sdk_dynamodb::Client::new(&sdk)
+        .get_item()
+        .table_name(setting("TABLE_NAME"))
+        .key("pk", AttributeValue::S(pk))
+        .key("sk", AttributeValue::S(sk.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("read the table")
+        .item
+}
+
 /// A name no other test (or earlier run against the same stack) uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())

@@ -7,8 +7,8 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use e2e::{
     api_url, auth_url, authorize, connect, connect_klaviyo, environment, http, inject_fault,
-    issued_tokens, klaviyo_account, location, received, refresh_tokens, setting, settings_page,
-    token_for, unique,
+    issued_tokens, klaviyo_account, location, raw_item, received, refresh_tokens, setting,
+    settings_page, token_for, unique,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -34,37 +34,16 @@ async fn connections(user: &str) -> Vec<Connection> {
 }
 
 async fn raw_pending(state: &str) -> Option<HashMap<String, AttributeValue>> {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    aws_sdk_dynamodb::Client::new(&sdk)
-        .get_item()
-        .table_name(setting("TABLE_NAME"))
-        .key(
-            "pk",
-            AttributeValue::S(format!("STATE#{}", PendingAuthorization::hash_state(state))),
-        )
-        .key("sk", AttributeValue::S("STATE".into()))
-        .consistent_read(true)
-        .send()
-        .await
-        .unwrap()
-        .item
+    let pk = format!("STATE#{}", PendingAuthorization::hash_state(state));
+    raw_item(pk, "STATE").await
 }
 
 async fn raw_connection(connection: &Connection) -> HashMap<String, AttributeValue> {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    aws_sdk_dynamodb::Client::new(&sdk)
-        .get_item()
-        .table_name(setting("TABLE_NAME"))
-        .key(
-            "pk",
-            AttributeValue::S(format!("USER#{}", connection.user_id)),
-        )
-        .key("sk", AttributeValue::S(format!("CONN#{}", connection.id)))
-        .send()
-        .await
-        .unwrap()
-        .item
-        .expect("stored")
+    let (pk, sk) = (
+        format!("USER#{}", connection.user_id),
+        format!("CONN#{}", connection.id),
+    );
+    raw_item(pk, &sk).await.expect("stored")
 }
 
 async fn client_secret() -> String {
