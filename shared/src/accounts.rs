@@ -2,8 +2,8 @@
 //! the caller's partition and no KMS call: the view never includes credentials.
 
 use crate::auth::JwtVerifier;
-use crate::context::{Environment, InitError};
-use crate::http::{ApiError, Web, json, require_method, unavailable};
+use crate::context::{Endpoint, Environment, InitError};
+use crate::http::{ApiError, json, require_method, unavailable};
 use crate::model::{AuthType, Connection, ConnectionStatus};
 use crate::store::Store;
 use http::{Method, StatusCode};
@@ -56,23 +56,16 @@ struct ListBody {
 }
 
 pub struct Accounts {
-    web: Web,
     auth: JwtVerifier,
     store: Store,
 }
 
-impl Accounts {
-    pub async fn from_env() -> Result<Self, InitError> {
-        let env = Environment::load().await?;
+impl Endpoint for Accounts {
+    async fn build(env: &Environment) -> Result<Self, InitError> {
         Ok(Self {
-            web: env.web(),
             auth: env.jwt_verifier().await?,
             store: env.store(),
         })
-    }
-
-    pub async fn handle(&self, req: Request) -> Result<Response<Body>, lambda_http::Error> {
-        Ok(self.web.serve(&req, || self.respond(&req)).await)
     }
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {

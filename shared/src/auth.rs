@@ -17,6 +17,9 @@ use std::fmt;
 pub const LEEWAY_SECS: u64 = 30;
 /// Longest `sub` accepted; user ids become part of storage keys.
 pub const MAX_USER_ID_LEN: usize = 256;
+/// Longest token accepted (the host app's are a few hundred bytes): bigger ones are refused
+/// before any decoding work.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// The authenticated caller: the JWT's `sub`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -50,6 +53,8 @@ pub enum AuthError {
     Malformed,
     #[error("algorithm not allowed")]
     Algorithm,
+    #[error("critical header extension not supported")]
+    CriticalExtension,
     #[error("bad signature")]
     Signature,
     #[error("token expired")]
@@ -74,6 +79,29 @@ impl fmt::Debug for JwtVerifier {
         f.debug_struct("JwtVerifier")
             .field("key", &"[redacted]")
             .finish()
+    }
+}
+
+/// Checks the JOSE header before the signature: exactly `alg: "HS256"`, and no `crit`,
+/// because this verifier implements no JWS extensions and RFC 7515 (4.1.11) makes a token
+/// whose critical extensions are not understood invalid. The library ignores `crit`.
+pub fn check_header(token: &str) -> Result<(), AuthError> {
+    use base64::Engine;
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(AuthError::Malformed);
+    }
+    let (encoded, _) = token.split_once('.').ok_or(AuthError::Malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| AuthError::Malformed)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    if header.contains_key("crit") {
+        return Err(AuthError::CriticalExtension);
+    }
+    match header.get("alg").and_then(serde_json::Value::as_str) {
+        Some("HS256") => Ok(()),
+        _ => Err(AuthError::Algorithm),
     }
 }
 
@@ -114,6 +142,7 @@ impl JwtVerifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        check_header(token)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| classify(e.kind()))?;
         match data.claims.sub {
@@ -242,5 +271,76 @@ mod tests {
         assert!(UserId::parse("a\u{0}b").is_none());
         assert!(UserId::parse(&"x".repeat(MAX_USER_ID_LEN + 1)).is_none());
         assert!(UserId::parse("auth0|5f7c8ec7c33c6c004bbafe82").is_some());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    fn token_with_header(header: &serde_json::Value) -> String {
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.{}",
+            engine.encode(header.to_string()),
+            engine.encode(r#"{"sub":"u"}"#),
+            engine.encode([0u8; 32])
+        )
+    }
+
+    /// Header fields other than `alg` and `crit`, with any JSON-ish values.
+    fn extra_fields() -> impl Strategy<Value = Vec<(String, String)>> {
+        prop::collection::vec(("[a-z]{1,8}", "\\PC{0,20}"), 0..5).prop_map(|fields| {
+            fields
+                .into_iter()
+                .filter(|(k, _)| k != "alg" && k != "crit")
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_checked_without_panicking(token in "\\PC{0,300}") {
+            let _ = check_header(&token);
+        }
+
+        #[test]
+        fn only_hs256_without_crit_passes_the_header_check(
+            alg in prop_oneof![
+                Just("HS256".to_owned()),
+                Just("none".to_owned()),
+                Just("hs256".to_owned()),
+                Just("RS256".to_owned()),
+                "[A-Za-z0-9]{0,8}",
+            ],
+            extra in extra_fields(),
+            crit in any::<bool>(),
+        ) {
+            let mut header = serde_json::Map::new();
+            for (k, v) in extra {
+                header.insert(k, serde_json::Value::String(v));
+            }
+            header.insert("alg".into(), serde_json::Value::String(alg.clone()));
+            if crit {
+                header.insert("crit".into(), serde_json::json!(["b64"]));
+            }
+            let outcome = check_header(&token_with_header(&serde_json::Value::Object(header)));
+            match (alg.as_str(), crit) {
+                (_, true) => prop_assert_eq!(outcome, Err(AuthError::CriticalExtension)),
+                ("HS256", false) => prop_assert_eq!(outcome, Ok(())),
+                _ => prop_assert_eq!(outcome, Err(AuthError::Algorithm)),
+            }
+        }
+
+        #[test]
+        fn oversized_tokens_are_refused_before_decoding(extra in 1usize..1000) {
+            let valid = token_with_header(&serde_json::json!({"alg": "HS256"}));
+            prop_assert_eq!(check_header(&valid), Ok(()));
+            let padding = "a".repeat(MAX_TOKEN_LEN + extra - valid.len());
+            let token = format!("{valid}{padding}");
+            prop_assert_eq!(check_header(&token), Err(AuthError::Malformed));
+        }
     }
 }

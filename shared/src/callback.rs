@@ -7,9 +7,9 @@
 //! Klaviyo account; seal the tokens; upsert the connection. Tokens obtained for a flow that
 //! then fails are revoked, so no grant is left behind without a connection.
 
-use crate::context::{Environment, InitError};
-use crate::crypto::{CryptoError, Purpose, SealContext, Sealer};
-use crate::http::{ApiError, FrontendRedirects, Web, query_param, require_method};
+use crate::context::{Endpoint, Environment, InitError};
+use crate::crypto::{CryptoError, Purpose, Sealer};
+use crate::http::{ApiError, FrontendRedirects, query_param, require_method};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
 use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
 use crate::revocation::Revoker;
@@ -23,7 +23,6 @@ use time::OffsetDateTime;
 const MAX_PARAMETER_LEN: usize = 2048;
 
 pub struct Callback {
-    web: Web,
     frontend: FrontendRedirects,
     store: Store,
     sealer: Sealer,
@@ -50,12 +49,10 @@ enum Failure {
     Crypto(#[from] CryptoError),
 }
 
-impl Callback {
-    pub async fn from_env() -> Result<Self, InitError> {
-        let env = Environment::load().await?;
+impl Endpoint for Callback {
+    async fn build(env: &Environment) -> Result<Self, InitError> {
         let klaviyo = env.klaviyo().await?;
         Ok(Self {
-            web: env.web(),
             frontend: env.frontend(),
             store: env.store(),
             sealer: env.sealer(),
@@ -64,8 +61,20 @@ impl Callback {
         })
     }
 
-    pub async fn handle(&self, req: Request) -> Result<Response<Body>, lambda_http::Error> {
-        Ok(self.web.serve(&req, || self.respond(&req)).await)
+    /// The browser came back from Klaviyo but the client secret cannot be read: the same
+    /// failure page as any other failed connect, so the user can simply try again.
+    fn unavailable(env: &Environment, req: &Request) -> Result<Response<Body>, ApiError> {
+        require_method(req, Method::GET, "GET")?;
+        tracing::warn!(
+            event = "oauth_callback_failed",
+            reason = "secrets unavailable",
+            "connection failed"
+        );
+        let frontend = env.frontend();
+        Ok(match query_param(req, "error").as_deref() {
+            Some("access_denied") => frontend.settings("error", "klaviyo_access_denied"),
+            _ => frontend.settings("error", "klaviyo_connection_failed"),
+        })
     }
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
@@ -100,7 +109,9 @@ impl Callback {
             }
         })
     }
+}
 
+impl Callback {
     async fn complete(&self, req: &Request) -> Result<Connection, Failure> {
         let state = bounded(query_param(req, "state"));
         if let Some(error) = query_param(req, "error") {
@@ -151,19 +162,17 @@ impl Callback {
         pending: &crate::model::PendingAuthorization,
         tokens: &TokenSet,
     ) -> Result<Connection, Failure> {
-        let account = self
-            .klaviyo
-            .account(ApiCredential::AccessToken(&tokens.access_token))
-            .await?;
+        // The data key is bound to user and purpose (the connection goes into the AEAD), so
+        // it is fetched while Klaviyo says which account this is.
+        let (account, key) = tokio::join!(
+            self.klaviyo
+                .account(ApiCredential::AccessToken(&tokens.access_token)),
+            self.sealer
+                .data_key(pending.user_id.as_str(), Purpose::OAuthTokens),
+        );
+        let account = account?;
+        let key = key?;
         let connection_id = Connection::id_for(&pending.user_id, &account.id);
-        let key = self
-            .sealer
-            .data_key(SealContext::new(
-                pending.user_id.as_str(),
-                &connection_id,
-                Purpose::OAuthTokens,
-            ))
-            .await?;
         let refresh_token = tokens
             .refresh_token
             .clone()
@@ -172,6 +181,7 @@ impl Callback {
             access_token: tokens.access_token.clone(),
             refresh_token,
         };
+        let sealed = credentials.seal(&key, pending.user_id.as_str(), &connection_id)?;
         let now = OffsetDateTime::now_utc();
         let connection = Connection {
             id: connection_id,
@@ -191,7 +201,7 @@ impl Callback {
             access_token_expires_at: Some(tokens.expires_at),
             refresh_due_at: Some(tokens.expires_at - REFRESH_LEAD),
             refresh_failures: 0,
-            credentials: credentials.seal(&key)?,
+            credentials: sealed,
             version: 0,
         };
         let upserted = self.store.upsert_connection(&connection).await?;

@@ -5,6 +5,7 @@
 //! message naming it. Secrets themselves are not here: only the ARNs of the Secrets Manager
 //! entries that hold them (see `context`).
 
+use crate::rate_limit::RateLimit;
 use std::net::IpAddr;
 use url::Url;
 
@@ -43,6 +44,10 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Connections the refresh job works on at once (`REFRESH_CONCURRENCY`, 1–256).
     pub refresh_concurrency: usize,
+    /// Connect attempts (OAuth starts and API keys together) one user may make per window
+    /// (`CONNECT_RATE_LIMIT`, 1–10,000, default 10, per `CONNECT_RATE_WINDOW_SECONDS`,
+    /// 1–86,400, default 60).
+    pub connect_rate: RateLimit,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +125,10 @@ impl Config {
             frontend_url,
             allowed_origins,
             refresh_concurrency: env.bounded("REFRESH_CONCURRENCY", 16, 1..=256)?,
+            connect_rate: RateLimit {
+                limit: env.bounded("CONNECT_RATE_LIMIT", 10, 1..=10_000)? as u32,
+                window_secs: env.bounded("CONNECT_RATE_WINDOW_SECONDS", 60, 1..=86_400)? as u32,
+            },
         })
     }
 }
@@ -406,6 +415,8 @@ mod tests {
             ("KLAVIYO_API_REVISION", "october"),
             ("REFRESH_CONCURRENCY", "0"),
             ("REFRESH_CONCURRENCY", "lots"),
+            ("CONNECT_RATE_LIMIT", "0"),
+            ("CONNECT_RATE_WINDOW_SECONDS", "-5"),
             ("FRONTEND_URL", "https://user:pw@app.example.com"),
             ("ALLOWED_ORIGINS", "*"),
             ("ALLOWED_ORIGINS", "null"),

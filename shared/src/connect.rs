@@ -3,14 +3,15 @@
 
 use crate::accounts::AccountView;
 use crate::auth::{JwtVerifier, UserId};
-use crate::context::{Environment, InitError};
-use crate::crypto::{Purpose, SealContext, Sealer};
-use crate::http::{ApiError, Web, json, json_body, query_param, require_method, unavailable};
+use crate::context::{Endpoint, Environment, InitError};
+use crate::crypto::{Purpose, Sealer};
+use crate::http::{ApiError, json, json_body, query_param, require_method, unavailable};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
 use crate::model::{
     AuthType, Connection, ConnectionStatus, Credentials, PENDING_AUTHORIZATION_TTL,
     PendingAuthorization, parse_account_name,
 };
+use crate::rate_limit::{Admission, RateLimit, RateWindow};
 use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
@@ -23,12 +24,12 @@ use time::OffsetDateTime;
 pub const MAX_API_KEY_BODY: usize = 4 * 1024;
 
 pub struct Connect {
-    web: Web,
     auth: JwtVerifier,
     store: Store,
     sealer: Sealer,
     klaviyo: Klaviyo,
     revoker: Revoker,
+    rate: RateLimit,
 }
 
 #[derive(Deserialize)]
@@ -51,22 +52,17 @@ struct AuthUrlBody {
     auth_url: String,
 }
 
-impl Connect {
-    pub async fn from_env() -> Result<Self, InitError> {
-        let env = Environment::load().await?;
-        let klaviyo = env.klaviyo().await?;
+impl Endpoint for Connect {
+    async fn build(env: &Environment) -> Result<Self, InitError> {
+        let (klaviyo, auth) = env.klaviyo_and_jwt_verifier().await?;
         Ok(Self {
-            web: env.web(),
-            auth: env.jwt_verifier().await?,
+            auth,
             store: env.store(),
             sealer: env.sealer(),
             revoker: env.revoker(klaviyo.clone()),
             klaviyo,
+            rate: env.config.connect_rate,
         })
-    }
-
-    pub async fn handle(&self, req: Request) -> Result<Response<Body>, lambda_http::Error> {
-        Ok(self.web.serve(&req, || self.respond(&req)).await)
     }
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
@@ -80,7 +76,9 @@ impl Connect {
         let user = self.auth.authenticate(req)?;
         self.start_oauth(user, req).await
     }
+}
 
+impl Connect {
     /// Stores state and PKCE verifier as a pending authorization (keyed by the state's
     /// hash, expiring in 10 minutes) and returns the Klaviyo authorize URL.
     async fn start_oauth(&self, user: UserId, req: &Request) -> Result<Response<Body>, ApiError> {
@@ -96,10 +94,13 @@ impl Connect {
             created_at: now,
             expires_at: now + PENDING_AUTHORIZATION_TTL,
         };
-        self.store
-            .put_pending(&pending)
+        let window = self.rate.window_at(now);
+        let admission = self
+            .store
+            .put_pending_counted(&pending, &window)
             .await
             .map_err(|e| unavailable("dynamodb", &e))?;
+        admit(admission, &pending.user_id, &window)?;
         tracing::info!(event = "oauth_started", user_id = %pending.user_id, "authorization started");
         Ok(json(
             StatusCode::OK,
@@ -126,18 +127,24 @@ impl Connect {
                 "apiKey must be a Klaviyo private API key (it starts with pk_).",
             ));
         }
-        let account = self
-            .klaviyo
-            .account(ApiCredential::ApiKey(&body.api_key))
+        // Counted before Klaviyo is asked, so guessing keys costs the caller, not Klaviyo's
+        // per-account limit.
+        let window = self.rate.window_at(OffsetDateTime::now_utc());
+        let admission = self
+            .store
+            .count_connect_attempt(&user, &window)
             .await
-            .map_err(key_validation_error)?;
-        let id = Connection::id_for(&user, &account.id);
-        let (existing, key) = tokio::join!(
-            self.store.get_connection(&user, &id),
-            self.sealer
-                .data_key(SealContext::new(user.as_str(), &id, Purpose::ApiKey)),
+            .map_err(|e| unavailable("dynamodb", &e))?;
+        admit(admission, &user, &window)?;
+        // The data key (bound to user and purpose) is fetched while Klaviyo checks the key.
+        let (account, key) = tokio::join!(
+            self.klaviyo.account(ApiCredential::ApiKey(&body.api_key)),
+            self.sealer.data_key(user.as_str(), Purpose::ApiKey),
         );
+        let account = account.map_err(key_validation_error)?;
         let key = key.map_err(|e| unavailable("kms", &e))?;
+        let id = Connection::id_for(&user, &account.id);
+        let existing = self.store.get_connection(&user, &id).await;
         let existing = match existing {
             Ok(connection) => Some(connection),
             Err(StoreError::NotFound) => None,
@@ -146,6 +153,9 @@ impl Connect {
         if let Some(existing) = &existing {
             self.revoker.revoke_replaced(existing).await;
         }
+        let sealed = Credentials::ApiKey(body.api_key)
+            .seal(&key, user.as_str(), &id)
+            .map_err(|e| unavailable("sealing", &e))?;
         let now = OffsetDateTime::now_utc();
         let connection = Connection {
             id,
@@ -163,9 +173,7 @@ impl Connect {
             access_token_expires_at: None,
             refresh_due_at: None,
             refresh_failures: 0,
-            credentials: Credentials::ApiKey(body.api_key)
-                .seal(&key)
-                .map_err(|e| unavailable("sealing", &e))?,
+            credentials: sealed,
             version: 0,
         };
         let upserted = self
@@ -195,6 +203,23 @@ impl Connect {
                 account: AccountView::from(&stored),
             },
         ))
+    }
+}
+
+/// A limited request is a 429 telling the caller when its window resets.
+fn admit(admission: Admission, user: &UserId, window: &RateWindow) -> Result<(), ApiError> {
+    match admission {
+        Admission::Admitted => Ok(()),
+        Admission::Limited => {
+            let retry_after_secs = window.retry_after_secs(OffsetDateTime::now_utc());
+            tracing::warn!(
+                event = "connect_rate_limited",
+                user_id = %user,
+                retry_after_secs,
+                "connect rate limit reached"
+            );
+            Err(ApiError::RateLimited { retry_after_secs })
+        }
     }
 }
 

@@ -1,11 +1,16 @@
 //! Start-up: what every function builds once per container. Configuration is read and
 //! validated, AWS is configured once (timeouts, retries, `AWS_ENDPOINT_URL`), and the
-//! secrets a function needs are fetched from Secrets Manager here and never again.
+//! secrets a function needs are fetched from Secrets Manager once and kept.
+//!
+//! A bad setting stops start-up (nothing can fix it but a deploy). Secrets Manager being
+//! down does not: an HTTP function that could not fetch its secrets at start-up answers 503
+//! (the callback: its failure redirect) and tries again on the next request, so a blip during
+//! a cold start costs one request, not a crash loop.
 
 use crate::auth::JwtVerifier;
 use crate::config::{Config, ConfigError};
 use crate::crypto::Sealer;
-use crate::http::{FrontendRedirects, Web};
+use crate::http::{ApiError, FrontendRedirects, Web};
 use crate::klaviyo::Klaviyo;
 use crate::revocation::Revoker;
 use crate::secret::Secret;
@@ -14,8 +19,11 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_secretsmanager::error::DisplayErrorContext;
+use lambda_http::{Body, Request, Response};
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
+use tokio::sync::OnceCell;
 
 /// Why a function could not start. `Debug` prints the same sentence as `Display` so the
 /// runtime's start-up failure message names the setting at fault.
@@ -96,6 +104,12 @@ impl Environment {
             .inspect_err(log_failure)
     }
 
+    /// Both secrets at once: start-up waits for one Secrets Manager round trip, not two.
+    pub async fn klaviyo_and_jwt_verifier(&self) -> Result<(Klaviyo, JwtVerifier), InitError> {
+        let (klaviyo, verifier) = tokio::join!(self.klaviyo(), self.jwt_verifier());
+        Ok((klaviyo?, verifier?))
+    }
+
     pub fn revoker(&self, klaviyo: Klaviyo) -> Revoker {
         Revoker::new(self.store(), self.sealer(), klaviyo)
     }
@@ -126,6 +140,63 @@ impl Environment {
                 reason: "the secret has no SecretString value".into(),
             })
             .inspect_err(log_failure)
+    }
+}
+
+/// What one HTTP function does once it has everything it needs, secrets included.
+pub trait Endpoint: Sized + Send + Sync {
+    /// Builds the endpoint: its clients, and whatever needs a secret.
+    fn build(env: &Environment) -> impl Future<Output = Result<Self, InitError>> + Send;
+
+    /// Answers one request (CORS, security headers and error mapping are done around it).
+    fn respond(
+        &self,
+        req: &Request,
+    ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send;
+
+    /// The answer while `build` fails (Secrets Manager unreachable): a 503 unless the
+    /// endpoint knows better.
+    fn unavailable(_env: &Environment, _req: &Request) -> Result<Response<Body>, ApiError> {
+        Err(ApiError::Unavailable)
+    }
+}
+
+/// An HTTP function: configuration checked at start-up, its endpoint built at start-up if
+/// possible and otherwise on the first request that can, then kept for the container's life.
+pub struct Function<T> {
+    env: Environment,
+    web: Web,
+    endpoint: OnceCell<T>,
+}
+
+impl<T: Endpoint> Function<T> {
+    pub async fn from_env() -> Result<Self, InitError> {
+        let env = Environment::load().await?;
+        let function = Self {
+            web: env.web(),
+            env,
+            endpoint: OnceCell::new(),
+        };
+        // Built now so that warm requests never wait; a failure is logged and retried later.
+        let _ = function.endpoint().await;
+        Ok(function)
+    }
+
+    async fn endpoint(&self) -> Result<&T, InitError> {
+        self.endpoint.get_or_try_init(|| T::build(&self.env)).await
+    }
+
+    pub async fn handle(&self, req: Request) -> Result<Response<Body>, lambda_http::Error> {
+        let response = self
+            .web
+            .serve(&req, || async {
+                match self.endpoint().await {
+                    Ok(endpoint) => endpoint.respond(&req).await,
+                    Err(_) => T::unavailable(&self.env, &req),
+                }
+            })
+            .await;
+        Ok(response)
     }
 }
 

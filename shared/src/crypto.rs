@@ -1,13 +1,20 @@
 //! Sealing of credentials before they touch DynamoDB: KMS envelope encryption.
 //!
-//! Each seal asks KMS for a fresh AES-256 data key (one `GenerateDataKey`), encrypts with
-//! AES-256-GCM locally and stores the KMS-encrypted data key beside the ciphertext. Each
-//! open is one `Decrypt` plus local AES-GCM. The KMS encryption context and the AEAD
-//! associated data both carry user id, connection id and purpose, so a sealed blob copied
-//! to another row (or used for another purpose) does not open.
+//! A new connection's seal asks KMS for a fresh AES-256 data key (one `GenerateDataKey`),
+//! encrypts with AES-256-GCM locally and stores the KMS-encrypted data key beside the
+//! ciphertext. Each open is one `Decrypt` plus local AES-GCM; a refresh re-seals with the
+//! data key its open recovered (fresh nonce), so it costs one KMS call, not two.
 //!
-//! Blob format, version 1 (all integers big-endian):
-//! `0x01 | u16 len | encrypted data key | 12-byte nonce | AES-GCM ciphertext and 16-byte tag`.
+//! Binding (format version 2): the KMS encryption context carries service, user id and
+//! purpose; the AEAD associated data carries service, user id, connection id and purpose.
+//! A blob copied to another user's row fails at KMS; to another connection of the same user,
+//! or used for another purpose, it fails at AES-GCM. The connection id is left out of the KMS
+//! context because it is derived from the Klaviyo account id, which the OAuth callback learns
+//! only from Klaviyo: this way the data key is fetched while Klaviyo is asked (one wait less).
+//! Version 1 blobs (connection id also in the KMS context) still open and re-seal as v1.
+//!
+//! Blob layout, both versions (integers big-endian):
+//! `version | u16 len | encrypted data key | 12-byte nonce | AES-GCM ciphertext and 16-byte tag`.
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
@@ -20,6 +27,7 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const KEY_LEN: usize = 32;
@@ -62,18 +70,18 @@ impl SealContext {
         }
     }
 
-    fn encryption_context(&self) -> HashMap<String, String> {
-        HashMap::from([
-            ("service".to_owned(), SERVICE.to_owned()),
-            ("user_id".to_owned(), self.user_id.clone()),
-            ("connection_id".to_owned(), self.connection_id.clone()),
-            ("purpose".to_owned(), self.purpose.as_str().to_owned()),
-        ])
+    /// The binding of this context's data key in KMS for blob `version`.
+    fn key_binding(&self, version: u8) -> KeyBinding {
+        KeyBinding {
+            user_id: self.user_id.clone(),
+            purpose: self.purpose,
+            connection_id: (version == FORMAT_V1).then(|| self.connection_id.clone()),
+        }
     }
 
     /// Length-prefixed so that no two different contexts encode alike.
-    fn associated_data(&self) -> Vec<u8> {
-        let mut aad = vec![FORMAT_V1];
+    fn associated_data(&self, version: u8) -> Vec<u8> {
+        let mut aad = vec![version];
         for part in [
             SERVICE,
             &self.user_id,
@@ -84,6 +92,37 @@ impl SealContext {
             aad.extend_from_slice(part.as_bytes());
         }
         aad
+    }
+}
+
+/// What a data key is bound to in KMS (its encryption context): user and purpose, plus the
+/// connection for version 1 keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyBinding {
+    user_id: String,
+    purpose: Purpose,
+    connection_id: Option<String>,
+}
+
+impl KeyBinding {
+    fn version(&self) -> u8 {
+        if self.connection_id.is_some() {
+            FORMAT_V1
+        } else {
+            FORMAT_V2
+        }
+    }
+
+    fn encryption_context(&self) -> HashMap<String, String> {
+        let mut context = HashMap::from([
+            ("service".to_owned(), SERVICE.to_owned()),
+            ("user_id".to_owned(), self.user_id.clone()),
+            ("purpose".to_owned(), self.purpose.as_str().to_owned()),
+        ]);
+        if let Some(connection_id) = &self.connection_id {
+            context.insert("connection_id".to_owned(), connection_id.clone());
+        }
+        context
     }
 }
 
@@ -123,7 +162,7 @@ impl SealedBlob {
             .0
             .split_first()
             .ok_or(CryptoError::Malformed("empty"))?;
-        if version != FORMAT_V1 {
+        if version != FORMAT_V1 && version != FORMAT_V2 {
             return Err(CryptoError::Malformed("unknown format version"));
         }
         let (len, rest) = rest
@@ -143,6 +182,7 @@ impl SealedBlob {
             .try_into()
             .map_err(|_| CryptoError::Malformed("truncated nonce"))?;
         Ok(BlobParts {
+            version,
             encrypted_key,
             nonce,
             ciphertext,
@@ -151,6 +191,7 @@ impl SealedBlob {
 }
 
 struct BlobParts<'a> {
+    version: u8,
     encrypted_key: &'a [u8],
     nonce: [u8; NONCE_LEN],
     /// AES-GCM output: ciphertext followed by the tag.
@@ -163,19 +204,20 @@ impl fmt::Debug for SealedBlob {
     }
 }
 
-/// A fresh data key bound to one context. Obtain it with `Sealer::data_key` (possibly
-/// concurrently with other work), then seal locally. The plaintext key is zeroized on drop.
+/// A data key: from `Sealer::data_key` for a new seal (possibly fetched while other work
+/// runs), or recovered by `Sealer::open_with_key` to re-seal the same secret's successor.
+/// The plaintext key is zeroized on drop.
 pub struct DataKey {
     plaintext: Zeroizing<[u8; KEY_LEN]>,
     encrypted: Vec<u8>,
-    context: SealContext,
+    binding: KeyBinding,
 }
 
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DataKey")
             .field("plaintext", &"[redacted]")
-            .field("context", &self.context)
+            .field("binding", &self.binding)
             .finish()
     }
 }
@@ -185,7 +227,7 @@ impl DataKey {
     fn from_parts(
         plaintext: &[u8],
         encrypted: Vec<u8>,
-        context: SealContext,
+        binding: KeyBinding,
     ) -> Result<Self, CryptoError> {
         let key: [u8; KEY_LEN] = plaintext.try_into().map_err(|_| {
             CryptoError::Unavailable("KMS returned a data key of the wrong size".into())
@@ -198,20 +240,27 @@ impl DataKey {
         Ok(Self {
             plaintext: Zeroizing::new(key),
             encrypted,
-            context,
+            binding,
         })
     }
 
-    pub fn context(&self) -> &SealContext {
-        &self.context
+    pub fn purpose(&self) -> Purpose {
+        self.binding.purpose
     }
 
-    pub fn seal(&self, plaintext: &[u8]) -> SealedBlob {
+    /// Seals `plaintext` for `connection_id` with a fresh random nonce. Refuses a context the
+    /// key is not bound to (another user or purpose, or, for a v1 key, another connection).
+    pub fn seal(&self, context: &SealContext, plaintext: &[u8]) -> Result<SealedBlob, CryptoError> {
+        let version = self.binding.version();
+        if context.key_binding(version) != self.binding {
+            return Err(CryptoError::CannotOpen);
+        }
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
-        let aad = self.context.associated_data();
+        let aad = context.associated_data(version);
         let cipher = Aes256Gcm::new(self.plaintext.as_ref().into());
-        // AES-GCM encryption only fails for inputs beyond 64 GiB.
+        // AES-GCM encryption only fails for inputs beyond 64 GiB. Random 96-bit nonces keep a
+        // reused key safe far beyond the few thousand seals one connection ever makes.
         let ciphertext = cipher
             .encrypt(
                 &Nonce::from(nonce),
@@ -223,26 +272,26 @@ impl DataKey {
             .expect("AES-GCM encrypts any input under 64 GiB");
         let mut blob =
             Vec::with_capacity(1 + 2 + self.encrypted.len() + NONCE_LEN + ciphertext.len());
-        blob.push(FORMAT_V1);
+        blob.push(version);
         blob.extend_from_slice(&(self.encrypted.len() as u16).to_be_bytes());
         blob.extend_from_slice(&self.encrypted);
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&ciphertext);
-        SealedBlob(blob)
+        Ok(SealedBlob(blob))
     }
 
     fn open(
         &self,
-        nonce: [u8; NONCE_LEN],
-        ciphertext: &[u8],
+        context: &SealContext,
+        parts: &BlobParts<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let aad = self.context.associated_data();
+        let aad = context.associated_data(parts.version);
         let cipher = Aes256Gcm::new(self.plaintext.as_ref().into());
         cipher
             .decrypt(
-                &Nonce::from(nonce),
+                &Nonce::from(parts.nonce),
                 Payload {
-                    msg: ciphertext,
+                    msg: parts.ciphertext,
                     aad: &aad,
                 },
             )
@@ -266,14 +315,20 @@ impl Sealer {
         }
     }
 
-    /// One `GenerateDataKey` call.
-    pub async fn data_key(&self, context: SealContext) -> Result<DataKey, CryptoError> {
+    /// One `GenerateDataKey` call: a key for `user_id`'s secrets of `purpose` (any of their
+    /// connections; the connection is bound when sealing).
+    pub async fn data_key(&self, user_id: &str, purpose: Purpose) -> Result<DataKey, CryptoError> {
+        let binding = KeyBinding {
+            user_id: user_id.to_owned(),
+            purpose,
+            connection_id: None,
+        };
         let output = self
             .kms
             .generate_data_key()
             .key_id(&self.key_id)
             .key_spec(DataKeySpec::Aes256)
-            .set_encryption_context(Some(context.encryption_context()))
+            .set_encryption_context(Some(binding.encryption_context()))
             .send()
             .await
             .map_err(|e| CryptoError::Unavailable(DisplayErrorContext(&e).to_string()))?;
@@ -287,7 +342,7 @@ impl Sealer {
             .ciphertext_blob
             .map(Blob::into_inner)
             .ok_or_else(|| CryptoError::Unavailable("KMS returned no encrypted key".into()))?;
-        DataKey::from_parts(&plaintext, encrypted, context)
+        DataKey::from_parts(&plaintext, encrypted, binding)
     }
 
     /// One KMS call, then local encryption.
@@ -296,7 +351,9 @@ impl Sealer {
         context: SealContext,
         plaintext: &[u8],
     ) -> Result<SealedBlob, CryptoError> {
-        Ok(self.data_key(context).await?.seal(plaintext))
+        self.data_key(&context.user_id, context.purpose)
+            .await?
+            .seal(&context, plaintext)
     }
 
     /// One `Decrypt` call (pinned to our key, with the context), then local decryption.
@@ -305,17 +362,24 @@ impl Sealer {
         context: SealContext,
         blob: &SealedBlob,
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let BlobParts {
-            encrypted_key,
-            nonce,
-            ciphertext,
-        } = blob.parts()?;
+        Ok(self.open_with_key(context, blob).await?.0)
+    }
+
+    /// Like `open`, and also hands back the data key, so that a successor of the secret (a
+    /// refreshed token) can be sealed without another KMS call.
+    pub async fn open_with_key(
+        &self,
+        context: SealContext,
+        blob: &SealedBlob,
+    ) -> Result<(Zeroizing<Vec<u8>>, DataKey), CryptoError> {
+        let parts = blob.parts()?;
+        let binding = context.key_binding(parts.version);
         let output = self
             .kms
             .decrypt()
             .key_id(&self.key_id)
-            .ciphertext_blob(Blob::new(encrypted_key))
-            .set_encryption_context(Some(context.encryption_context()))
+            .ciphertext_blob(Blob::new(parts.encrypted_key))
+            .set_encryption_context(Some(binding.encryption_context()))
             .send()
             .await
             .map_err(|e| match &e {
@@ -333,7 +397,9 @@ impl Sealer {
                 .map(Blob::into_inner)
                 .ok_or_else(|| CryptoError::Unavailable("KMS returned no plaintext key".into()))?,
         );
-        DataKey::from_parts(&plaintext, encrypted_key.to_vec(), context)?.open(nonce, ciphertext)
+        let key = DataKey::from_parts(&plaintext, parts.encrypted_key.to_vec(), binding)?;
+        let opened = key.open(&context, &parts)?;
+        Ok((opened, key))
     }
 }
 
@@ -341,37 +407,60 @@ impl Sealer {
 mod tests {
     use super::*;
 
-    fn key(context: SealContext) -> DataKey {
-        DataKey::from_parts(&[7u8; KEY_LEN], b"encrypted-key".to_vec(), context).unwrap()
+    /// The same key material under the binding `context` gets for blob `version`.
+    fn key_for(context: &SealContext, version: u8) -> DataKey {
+        DataKey::from_parts(
+            &[7u8; KEY_LEN],
+            b"encrypted-key".to_vec(),
+            context.key_binding(version),
+        )
+        .unwrap()
     }
 
     fn ctx() -> SealContext {
         SealContext::new("user-1", "conn-1", Purpose::OAuthTokens)
     }
 
-    fn open_locally(key: &DataKey, blob: &SealedBlob) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let parts = blob.parts()?;
-        key.open(parts.nonce, parts.ciphertext)
+    fn open_locally(
+        key: &DataKey,
+        context: &SealContext,
+        blob: &SealedBlob,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        key.open(context, &blob.parts()?)
     }
 
     #[test]
     fn format_round_trip_and_layout() {
-        let blob = key(ctx()).seal(b"secret tokens");
+        let blob = key_for(&ctx(), FORMAT_V2)
+            .seal(&ctx(), b"secret tokens")
+            .unwrap();
         let bytes = blob.as_bytes();
-        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(bytes[0], FORMAT_V2);
         assert_eq!(u16::from_be_bytes([bytes[1], bytes[2]]), 13);
         assert_eq!(&bytes[3..16], b"encrypted-key");
         assert_eq!(bytes.len(), 3 + 13 + NONCE_LEN + 13 + TAG_LEN);
         assert!(!bytes.windows(6).any(|w| w == b"secret"));
+        let key = key_for(&ctx(), FORMAT_V2);
         assert_eq!(
-            open_locally(&key(ctx()), &blob).unwrap().as_slice(),
+            open_locally(&key, &ctx(), &blob).unwrap().as_slice(),
             b"secret tokens"
         );
     }
 
     #[test]
-    fn context_is_bound_through_the_associated_data() {
-        let blob = key(ctx()).seal(b"secret");
+    fn the_kms_binding_is_user_and_purpose_and_for_v1_also_the_connection() {
+        let v2 = ctx().key_binding(FORMAT_V2).encryption_context();
+        assert_eq!(v2.len(), 3);
+        assert_eq!(v2["user_id"], "user-1");
+        assert_eq!(v2["purpose"], "oauth_tokens");
+        assert_eq!(v2["service"], SERVICE);
+        let v1 = ctx().key_binding(FORMAT_V1).encryption_context();
+        assert_eq!(v1["connection_id"], "conn-1");
+    }
+
+    #[test]
+    fn the_connection_is_bound_through_the_associated_data() {
+        let blob = key_for(&ctx(), FORMAT_V2).seal(&ctx(), b"secret").unwrap();
         for other in [
             SealContext::new("user-2", "conn-1", Purpose::OAuthTokens),
             SealContext::new("user-1", "conn-2", Purpose::OAuthTokens),
@@ -380,21 +469,57 @@ mod tests {
             SealContext::new("user-1c", "onn-1", Purpose::OAuthTokens),
         ] {
             assert!(matches!(
-                open_locally(&key(other), &blob),
+                open_locally(&key_for(&other, FORMAT_V2), &other, &blob),
                 Err(CryptoError::CannotOpen)
             ));
         }
     }
 
     #[test]
+    fn a_key_seals_only_for_what_it_is_bound_to() {
+        let key = key_for(&ctx(), FORMAT_V2);
+        // Any connection of the same user and purpose (the connection goes into the AAD).
+        assert!(
+            key.seal(
+                &SealContext::new("user-1", "conn-9", Purpose::OAuthTokens),
+                b"s"
+            )
+            .is_ok()
+        );
+        for other in [
+            SealContext::new("user-2", "conn-1", Purpose::OAuthTokens),
+            SealContext::new("user-1", "conn-1", Purpose::ApiKey),
+        ] {
+            assert!(matches!(
+                key.seal(&other, b"s"),
+                Err(CryptoError::CannotOpen)
+            ));
+        }
+        // A version 1 key (recovered from a v1 blob) stays with its connection and format.
+        let legacy = key_for(&ctx(), FORMAT_V1);
+        let blob = legacy.seal(&ctx(), b"s").unwrap();
+        assert_eq!(blob.as_bytes()[0], FORMAT_V1);
+        assert_eq!(
+            open_locally(&legacy, &ctx(), &blob).unwrap().as_slice(),
+            b"s"
+        );
+        let elsewhere = SealContext::new("user-1", "conn-2", Purpose::OAuthTokens);
+        assert!(matches!(
+            legacy.seal(&elsewhere, b"s"),
+            Err(CryptoError::CannotOpen)
+        ));
+    }
+
+    #[test]
     fn every_flipped_byte_is_detected() {
-        let blob = key(ctx()).seal(b"secret");
+        let blob = key_for(&ctx(), FORMAT_V2).seal(&ctx(), b"secret").unwrap();
         let header = 3 + 13;
         for i in header..blob.as_bytes().len() {
             let mut bytes = blob.as_bytes().to_vec();
             bytes[i] ^= 0x01;
+            let key = key_for(&ctx(), FORMAT_V2);
             assert!(
-                open_locally(&key(ctx()), &SealedBlob::from_bytes(bytes)).is_err(),
+                open_locally(&key, &ctx(), &SealedBlob::from_bytes(bytes)).is_err(),
                 "byte {i}"
             );
         }
@@ -405,6 +530,10 @@ mod tests {
         for bytes in [
             vec![],
             vec![2, 0, 1, 9],
+            vec![
+                3, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0, 0, 0, 0,
+            ],
             vec![1],
             vec![1, 0, 5, 1, 2],
             vec![1, 0, 1, 9, 0, 0, 0],
@@ -422,9 +551,55 @@ mod tests {
 
     #[test]
     fn debug_never_shows_key_material() {
-        let key = key(ctx());
-        let printed = format!("{key:?} {:?}", key.seal(b"x"));
+        let key = key_for(&ctx(), FORMAT_V2);
+        let printed = format!("{key:?} {:?}", key.seal(&ctx(), b"x"));
         assert!(printed.contains("[redacted]"));
         assert!(!printed.contains("7, 7"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn blob(key: &[u8], nonce: &[u8; NONCE_LEN], ciphertext: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![FORMAT_V1];
+        bytes.extend_from_slice(&(key.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(nonce);
+        bytes.extend_from_slice(ciphertext);
+        bytes
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_without_panicking_and_parts_rebuild_them(
+            bytes in prop::collection::vec(any::<u8>(), 0..600)
+        ) {
+            let sealed = SealedBlob::from_bytes(bytes.clone());
+            if let Ok(parts) = sealed.parts() {
+                prop_assert_eq!(blob(parts.encrypted_key, &parts.nonce, parts.ciphertext), bytes);
+            }
+        }
+
+        #[test]
+        fn a_well_formed_blob_parses_and_every_truncation_is_refused(
+            key in prop::collection::vec(any::<u8>(), 1..300),
+            nonce in any::<[u8; NONCE_LEN]>(),
+            ciphertext in prop::collection::vec(any::<u8>(), TAG_LEN..200),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let bytes = blob(&key, &nonce, &ciphertext);
+            let sealed = SealedBlob::from_bytes(bytes.clone());
+            let parts = sealed.parts().expect("well formed");
+            prop_assert_eq!(parts.encrypted_key, &key[..]);
+            prop_assert_eq!(parts.nonce, nonce);
+            prop_assert_eq!(parts.ciphertext, &ciphertext[..]);
+            // Everything up to the tag's last byte is needed.
+            let shortest = bytes.len() - (ciphertext.len() - TAG_LEN);
+            let truncated = SealedBlob::from_bytes(bytes[..cut.index(shortest)].to_vec());
+            prop_assert!(truncated.parts().is_err());
+        }
     }
 }

@@ -8,9 +8,9 @@
 //! read, transaction ∥ KMS, revoke, delete.
 
 use crate::auth::{JwtVerifier, UserId};
-use crate::context::{Environment, InitError};
+use crate::context::{Endpoint, Environment, InitError};
 use crate::crypto::Sealer;
-use crate::http::{ApiError, Web, json, path_param, require_method, unavailable};
+use crate::http::{ApiError, json, path_param, require_method, unavailable};
 use crate::model::{AuthType, Credentials, PendingRevocation};
 use crate::revocation::{Revocation, Revoker};
 use crate::store::{Store, StoreError};
@@ -33,28 +33,21 @@ struct Disconnected {
 }
 
 pub struct Disconnect {
-    web: Web,
     auth: JwtVerifier,
     store: Store,
     sealer: Sealer,
     revoker: Revoker,
 }
 
-impl Disconnect {
-    pub async fn from_env() -> Result<Self, InitError> {
-        let env = Environment::load().await?;
-        let klaviyo = env.klaviyo().await?;
+impl Endpoint for Disconnect {
+    async fn build(env: &Environment) -> Result<Self, InitError> {
+        let (klaviyo, auth) = env.klaviyo_and_jwt_verifier().await?;
         Ok(Self {
-            web: env.web(),
-            auth: env.jwt_verifier().await?,
+            auth,
             store: env.store(),
             sealer: env.sealer(),
             revoker: env.revoker(klaviyo),
         })
-    }
-
-    pub async fn handle(&self, req: Request) -> Result<Response<Body>, lambda_http::Error> {
-        Ok(self.web.serve(&req, || self.respond(&req)).await)
     }
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
@@ -74,7 +67,9 @@ impl Disconnect {
             },
         ))
     }
+}
 
+impl Disconnect {
     async fn remove(&self, user: &UserId, id: &str) -> Result<Revocation, ApiError> {
         for _ in 0..ATTEMPTS {
             let connection = match self.store.get_connection(user, id).await {

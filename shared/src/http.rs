@@ -609,3 +609,32 @@ mod tests {
         assert!(!err.to_string().contains("pk_secret"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_path_parses_without_panicking(path in "\\PC*", prefix in "/[a-z/]{0,20}") {
+            let _ = tail_segment(&path, &prefix);
+        }
+
+        #[test]
+        fn an_encoded_segment_comes_back_exactly(segment in "\\PC{1,80}") {
+            let encoded: String =
+                url::form_urlencoded::byte_serialize(segment.as_bytes()).collect();
+            // form encoding writes spaces as '+', which a path keeps literally: use %20.
+            let encoded = encoded.replace('+', "%20");
+            let path = format!("/api/oauth/accounts/{encoded}");
+            prop_assert_eq!(tail_segment(&path, "/api/oauth/accounts/"), Some(segment));
+        }
+
+        #[test]
+        fn more_than_one_segment_is_never_an_id(a in "[a-z0-9]{1,10}", b in "[a-z0-9]{1,10}") {
+            let path = format!("/api/oauth/accounts/{a}/{b}");
+            prop_assert_eq!(tail_segment(&path, "/api/oauth/accounts/"), None);
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod disconnect;
 pub mod http;
 pub mod klaviyo;
 pub mod model;
+pub mod rate_limit;
 pub mod refresh;
 pub mod revocation;
 pub mod secret;

@@ -155,11 +155,14 @@ impl Credentials {
         }
     }
 
-    /// Seals with a data key obtained for this connection and purpose.
-    pub fn seal(&self, key: &DataKey) -> Result<SealedBlob, CryptoError> {
-        if key.context().purpose != self.purpose() {
-            return Err(CryptoError::CannotOpen);
-        }
+    /// Seals for `connection_id` of `user_id` with a data key for that user and this purpose.
+    pub fn seal(
+        &self,
+        key: &DataKey,
+        user_id: &str,
+        connection_id: &str,
+    ) -> Result<SealedBlob, CryptoError> {
+        let context = SealContext::new(user_id, connection_id, self.purpose());
         let plain = match self {
             Self::OAuth {
                 access_token,
@@ -175,13 +178,27 @@ impl Credentials {
         let bytes = Zeroizing::new(
             serde_json::to_vec(&plain).map_err(|_| CryptoError::Malformed("credentials"))?,
         );
-        Ok(key.seal(&bytes))
+        key.seal(&context, &bytes)
     }
 
     /// Opens a connection's credentials (one KMS call).
     pub async fn open(sealer: &Sealer, connection: &Connection) -> Result<Self, CryptoError> {
         let context = connection.seal_context(connection.credentials_purpose());
         Self::open_sealed(sealer, context, &connection.credentials).await
+    }
+
+    /// Opens a connection's credentials and keeps the data key, so their successors (a
+    /// refresh) are sealed without a second KMS call.
+    pub async fn open_with_key(
+        sealer: &Sealer,
+        connection: &Connection,
+    ) -> Result<(Self, DataKey), CryptoError> {
+        let purpose = connection.credentials_purpose();
+        let context = connection.seal_context(purpose);
+        let (bytes, key) = sealer
+            .open_with_key(context, &connection.credentials)
+            .await?;
+        Ok((Self::parse(purpose, &bytes)?, key))
     }
 
     /// Opens credentials sealed under `context` (one KMS call).
@@ -192,16 +209,18 @@ impl Credentials {
     ) -> Result<Self, CryptoError> {
         let purpose = context.purpose;
         let bytes = sealer.open(context, blob).await?;
+        Self::parse(purpose, &bytes)
+    }
+
+    fn parse(purpose: Purpose, bytes: &[u8]) -> Result<Self, CryptoError> {
         match purpose {
             Purpose::ApiKey => {
-                serde_json::from_slice::<ApiKeyIn>(&bytes).map(|p| Self::ApiKey(p.api_key))
+                serde_json::from_slice::<ApiKeyIn>(bytes).map(|p| Self::ApiKey(p.api_key))
             }
-            Purpose::OAuthTokens => {
-                serde_json::from_slice::<OAuthIn>(&bytes).map(|p| Self::OAuth {
-                    access_token: p.access_token,
-                    refresh_token: p.refresh_token,
-                })
-            }
+            Purpose::OAuthTokens => serde_json::from_slice::<OAuthIn>(bytes).map(|p| Self::OAuth {
+                access_token: p.access_token,
+                refresh_token: p.refresh_token,
+            }),
         }
         .map_err(|_| CryptoError::Malformed("sealed credentials are not of the expected shape"))
     }
@@ -322,5 +341,58 @@ mod tests {
             hash,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The `accountName` pattern clients see in docs/openapi.yaml (and schemathesis fuzzes
+    /// with), so the contract and the parser cannot drift apart.
+    fn published_pattern() -> regex::Regex {
+        let doc: serde_json::Value =
+            serde_yaml_ng::from_str(include_str!("../../docs/openapi.yaml")).unwrap();
+        let pattern = doc["components"]["schemas"]["AccountName"]["pattern"]
+            .as_str()
+            .expect("AccountName has a pattern");
+        regex::Regex::new(pattern).expect("the pattern compiles")
+    }
+
+    /// Mostly the characters where trimming and control-character rules differ.
+    fn tricky_text() -> impl Strategy<Value = String> {
+        let char = prop_oneof![
+            4 => proptest::char::range('a', 'z'),
+            1 => any::<char>(),
+            1 => proptest::sample::select(vec![
+                ' ', '\t', '\n', '\r', '\u{b}', '\u{c}', '\u{85}', '\u{a0}', '\u{1680}',
+                '\u{2000}', '\u{200a}', '\u{2028}', '\u{202f}', '\u{3000}', '\u{0}', '\u{1c}',
+                '\u{1f}', '\u{7f}', '\u{9f}', '\u{200b}', '\u{feff}', 'é', '漢',
+            ]),
+        ];
+        let mixed = prop::collection::vec(char, 0..110).prop_map(String::from_iter);
+        // Around the length limit: letters and (trimmable) spaces only.
+        let near_limit = (
+            "[ \u{3000}]{0,3}",
+            "[a-zé漢]([a-z é]{93,101})[a-z漢]",
+            "[ \t]{0,3}",
+        )
+            .prop_map(|(lead, core, tail)| format!("{lead}{core}{tail}"));
+        prop_oneof![mixed, near_limit]
+    }
+
+    proptest! {
+        #[test]
+        fn account_names_follow_the_rules_and_the_published_pattern(raw in tricky_text()) {
+            let parsed = parse_account_name(Some(&raw));
+            if let Ok(name) = &parsed {
+                prop_assert_eq!(name.as_str(), raw.trim());
+                prop_assert!((1..=MAX_ACCOUNT_NAME_CHARS).contains(&name.chars().count()));
+                prop_assert!(!name.chars().any(char::is_control));
+            }
+            let pattern = published_pattern();
+            prop_assert_eq!(pattern.is_match(&raw), parsed.is_ok(), "{:?}", raw);
+        }
     }
 }

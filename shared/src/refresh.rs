@@ -10,12 +10,13 @@
 //! refreshed it. Rotated tokens replace the old ones in one write conditional on `version`.
 //! `invalid_grant` re-reads the stored token before marking the connection `needs_reauth`;
 //! 429/5xx/timeouts keep the tokens and retry on a later run with backoff. The data key for
-//! the new tokens is obtained before Klaviyo is called, so nothing after the rotation depends
-//! on KMS. Each run also finishes pending revocations and logs one summary line.
+//! the new tokens is the one that opened the old ones (one KMS call, before Klaviyo is
+//! called), so nothing after the rotation depends on KMS. Each run also finishes pending
+//! revocations and logs one summary line.
 
 use crate::auth::UserId;
 use crate::context::{Environment, InitError};
-use crate::crypto::{CryptoError, DataKey, Purpose, Sealer};
+use crate::crypto::{CryptoError, DataKey, Sealer};
 use crate::klaviyo::{Klaviyo, KlaviyoError, TokenSet};
 use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
 use crate::revocation::Revoker;
@@ -118,26 +119,13 @@ impl Refresher {
         connection: Connection,
         now: OffsetDateTime,
     ) -> (Outcome, Option<Secret>) {
-        let (opened, key) = tokio::join!(
-            Credentials::open(&self.sealer, &connection),
-            self.sealer
-                .data_key(connection.seal_context(Purpose::OAuthTokens)),
-        );
-        let credentials = match opened {
-            Ok(credentials) => credentials,
+        // One KMS call: the data key that opens the tokens also seals their successors.
+        let (credentials, key) = match Credentials::open_with_key(&self.sealer, &connection).await {
+            Ok(opened) => opened,
             Err(CryptoError::Unavailable(e)) => {
                 return (self.back_off(&connection, now, None, &e).await, None);
             }
             Err(e) => return (self.needs_reauth(&connection, &e.to_string()).await, None),
-        };
-        let key = match key {
-            Ok(key) => key,
-            Err(e) => {
-                return (
-                    self.back_off(&connection, now, None, &e.to_string()).await,
-                    None,
-                );
-            }
         };
         let Some(refresh_token) = credentials.refresh_token() else {
             return (
@@ -182,10 +170,11 @@ impl Refresher {
                 .unwrap_or_else(|| old_refresh_token.clone()),
         };
         let mut updated = connection.clone();
-        updated.credentials = match credentials.seal(key) {
-            Ok(sealed) => sealed,
-            Err(e) => return (self.needs_reauth(connection, &e.to_string()).await, None),
-        };
+        updated.credentials =
+            match credentials.seal(key, connection.user_id.as_str(), &connection.id) {
+                Ok(sealed) => sealed,
+                Err(e) => return (self.needs_reauth(connection, &e.to_string()).await, None),
+            };
         updated.access_token_expires_at = Some(tokens.expires_at);
         updated.refresh_due_at =
             Some((tokens.expires_at - REFRESH_LEAD).max(now + MIN_REFRESH_INTERVAL));

@@ -5,6 +5,7 @@
 //! | pending authorization | `STATE#<sha256 state>`| `STATE`         |
 //! | connection            | `USER#<user id>`      | `CONN#<conn id>`|
 //! | pending revocation    | `REVOKE#<id>`         | `REVOKE`        |
+//! | rate-limit counter    | `RATE#<user id>`      | `<scope>#<window start>` |
 //!
 //! Connections due for refresh and pending revocations also carry `due_bucket`/`due_at`,
 //! the keys of the sparse `due-index` GSI the refresh job queries (never a Scan). Items that expire carry
@@ -16,10 +17,14 @@ use crate::crypto::SealedBlob;
 use crate::model::{
     AuthType, Connection, ConnectionStatus, PendingAuthorization, PendingRevocation,
 };
+use crate::rate_limit::{Admission, RateWindow};
 use crate::secret::Secret;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, ReturnValue, TransactWriteItem};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Delete, Put, ReturnValue, TransactWriteItem, Update,
+};
 use serde::{Deserialize, Serialize};
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 use sha2::{Digest, Sha256};
@@ -114,6 +119,109 @@ impl Store {
             .send()
             .await?;
         Ok(())
+    }
+
+    /// Stores a pending authorization and counts it against the user's connect rate limit,
+    /// in one transaction: a limited request writes nothing.
+    pub async fn put_pending_counted(
+        &self,
+        pending: &PendingAuthorization,
+        window: &RateWindow,
+    ) -> Result<Admission, StoreError> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(
+                to_item(PendingRecord::from(pending)).map_err(corrupt)?,
+            ))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(corrupt)?;
+        let count = self.rate_counter(&pending.user_id, CONNECT_SCOPE, window);
+        let count = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(count.key))
+            .update_expression(count.expression)
+            .condition_expression(count.condition)
+            .set_expression_attribute_values(Some(count.values))
+            .build()
+            .map_err(corrupt)?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(TransactWriteItem::builder().update(count).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Admission::Admitted),
+            Err(e) => {
+                let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+                    e.as_service_error()
+                else {
+                    return Err(e.into());
+                };
+                let failed = |index: usize| {
+                    cancelled
+                        .cancellation_reasons()
+                        .get(index)
+                        .and_then(|reason| reason.code())
+                        .is_some_and(|code| code == "ConditionalCheckFailed")
+                };
+                if failed(1) {
+                    Ok(Admission::Limited)
+                } else if failed(0) {
+                    // The state is 32 random bytes, so only this request can have written
+                    // it: an attempt whose answer was lost landed, and the SDK's retry met
+                    // it. (DynamoDB's idempotency token prevents this; emulators may not.)
+                    Ok(Admission::Admitted)
+                } else {
+                    // A concurrent transaction on the same counter: retryable.
+                    Err(StoreError::Unavailable(DisplayErrorContext(&e).to_string()))
+                }
+            }
+        }
+    }
+
+    /// Counts one connect attempt that writes nothing else (an API-key check).
+    pub async fn count_connect_attempt(
+        &self,
+        user_id: &UserId,
+        window: &RateWindow,
+    ) -> Result<Admission, StoreError> {
+        let count = self.rate_counter(user_id, CONNECT_SCOPE, window);
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(count.key))
+            .update_expression(count.expression)
+            .condition_expression(count.condition)
+            .set_expression_attribute_values(Some(count.values))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Admission::Admitted),
+            Err(e) if is_condition_failure(&e) => Ok(Admission::Limited),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `hits + 1` on the window's counter unless it already reached the limit; the counter
+    /// expires (TTL) when its window ends.
+    fn rate_counter(&self, user_id: &UserId, scope: &str, window: &RateWindow) -> CounterUpdate {
+        CounterUpdate {
+            key: key(
+                format!("RATE#{}", user_id.as_str()),
+                format!("{scope}#{}", window.starts_at),
+            ),
+            expression: "ADD hits :one SET expires_at = :ends",
+            condition: "attribute_not_exists(hits) OR hits < :limit",
+            values: HashMap::from([
+                (":one".to_owned(), number(1)),
+                (":ends".to_owned(), number(window.ends_at)),
+                (":limit".to_owned(), number(i64::from(window.limit))),
+            ]),
+        }
     }
 
     /// Deletes and returns the pending authorization for `state`, atomically, so a state
@@ -565,6 +673,16 @@ const CONNECTION_SK_PREFIX: &str = "CONN#";
 const REVOCATION_SK: &str = "REVOKE";
 const REFRESH_BUCKET: &str = "refresh";
 const REVOCATION_BUCKET: &str = "revoke";
+
+/// The rate-limit scope both connect routes count against.
+const CONNECT_SCOPE: &str = "CONNECT";
+
+struct CounterUpdate {
+    key: Item,
+    expression: &'static str,
+    condition: &'static str,
+    values: Item,
+}
 
 fn revocation_pk(id: &str) -> String {
     format!("REVOKE#{id}")

@@ -11,8 +11,7 @@
 use futures::StreamExt;
 use serde_json::{Value, json};
 use shared::{
-    AuthType, Connection, ConnectionStatus, Credentials, Environment, Purpose, SealContext, Secret,
-    UserId,
+    AuthType, Connection, ConnectionStatus, Credentials, Environment, Purpose, Secret, UserId,
 };
 use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
@@ -71,7 +70,7 @@ async fn seed(n: usize) {
                 let user = UserId::parse(&format!("bench-{run}-{i}")).expect("user id");
                 let id = Connection::id_for(&user, account);
                 let key = sealer
-                    .data_key(SealContext::new(user.as_str(), &id, Purpose::OAuthTokens))
+                    .data_key(user.as_str(), Purpose::OAuthTokens)
                     .await
                     .expect("data key");
                 let credentials = Credentials::OAuth {
@@ -82,6 +81,7 @@ async fn seed(n: usize) {
                         pair["refresh_token"].as_str().expect("refresh").to_owned(),
                     ),
                 };
+                let sealed = credentials.seal(&key, user.as_str(), &id).expect("seal");
                 let connection = Connection {
                     id,
                     user_id: user,
@@ -97,7 +97,7 @@ async fn seed(n: usize) {
                     access_token_expires_at: Some(now + time::Duration::minutes(10)),
                     refresh_due_at: Some(now - time::Duration::seconds(1)),
                     refresh_failures: 0,
-                    credentials: credentials.seal(&key).expect("seal"),
+                    credentials: sealed,
                     version: 0,
                 };
                 store
@@ -188,7 +188,7 @@ async fn floor() {
     let started = Instant::now();
     for _ in 0..ROUNDS {
         sealer
-            .data_key(SealContext::new("bench", "floor", Purpose::OAuthTokens))
+            .data_key("bench-floor", Purpose::OAuthTokens)
             .await
             .expect("data key");
     }

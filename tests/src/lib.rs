@@ -3,6 +3,9 @@
 //! `cargo lambda watch` serving the five functions. Their settings arrive in the
 //! environment, exactly as the functions get them.
 
+pub mod fault_proxy;
+pub mod lambda;
+
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use shared::Environment;
@@ -321,6 +324,20 @@ pub async fn connected_id(token: &str, account: &str) -> String {
         .and_then(|a| a["id"].as_str())
         .expect("connected")
         .to_owned()
+}
+
+/// Pending revocations of a connection (read through the due index, as the job does).
+pub async fn pending_revocations(connection_id: &str) -> usize {
+    let far_future = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    environment()
+        .await
+        .store()
+        .due_pending_revocations(far_future, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| p.connection_id == connection_id)
+        .count()
 }
 
 /// How many refresh-token grants the sandbox received for `account`.

@@ -3,8 +3,9 @@
 
 use e2e::{
     accounts_of, api_url, connect_api_key, connect_klaviyo, connected_id, disconnect, environment,
-    http, inject_fault, invoke_refresh, issued_tokens, klaviyo_account, list_accounts, received,
-    refresh_tokens, register_api_key, sandbox_url, settings_page, token_for, unique,
+    http, inject_fault, invoke_refresh, issued_tokens, klaviyo_account, list_accounts,
+    pending_revocations, received, refresh_tokens, register_api_key, sandbox_url, settings_page,
+    token_for, unique,
 };
 use serde_json::{Value, json};
 use shared::{Connection, Credentials, UserId};
@@ -43,20 +44,6 @@ async fn stored(user: &str, id: &str) -> Option<Connection> {
         .get_connection(&UserId::parse(user).unwrap(), id)
         .await
         .ok()
-}
-
-/// Pending revocations of a connection (read through the due index, as the job does).
-async fn pending_revocations(connection_id: &str) -> usize {
-    let far_future = OffsetDateTime::now_utc() + time::Duration::days(365);
-    environment()
-        .await
-        .store()
-        .due_pending_revocations(far_future, 100_000)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|p| p.connection_id == connection_id)
-        .count()
 }
 
 #[tokio::test]

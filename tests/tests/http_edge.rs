@@ -65,28 +65,123 @@ async fn error_body(response: Response, status: StatusCode, code: &str) -> Value
     body
 }
 
+fn b64(value: &Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+/// `header.claims.HMAC-SHA256(key)` for any header, so the server's algorithm pinning (not
+/// just the signature check) is what refuses it.
+fn hmac_token(key: &str, header: &Value, claims: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let input = format!("{}.{}", b64(header), b64(claims));
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key.as_bytes()));
+    } else {
+        block[..key.len()].copy_from_slice(key.as_bytes());
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(input.as_bytes())
+        .finalize();
+    let mac = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    use base64::Engine;
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac);
+    format!("{input}.{signature}")
+}
+
+async fn answer_status(token: &str) -> (StatusCode, Value) {
+    let response = http()
+        .get(format!("{}/api/oauth/accounts", api_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
 #[tokio::test]
 async fn protected_routes_refuse_requests_without_a_valid_token() {
     let client = http();
     let key = jwt_key().await;
     let user = unique("user");
-    let mut expired = claims(&user);
-    expired["exp"] = json!(now() - 600);
-    let bad_tokens = [
+    let valid = claims(&user);
+    let with = |field: &str, value: Value| {
+        let mut c = valid.clone();
+        c[field] = value;
+        c
+    };
+    let without = |field: &str| {
+        let mut c = valid.clone();
+        c.as_object_mut().unwrap().remove(field);
+        c
+    };
+    let hs256 = |claims: &Value| sign(Algorithm::HS256, &key, claims);
+    // Tokens whose header we write ourselves, signed with the right key by HMAC-SHA256.
+    let forged = |header: Value, claims: &Value| hmac_token(&key, &header, claims);
+    let genuine = hs256(&valid);
+    let (genuine_head, _) = genuine.split_once('.').unwrap();
+    let genuine_sig = genuine.rsplit('.').next().unwrap();
+    let forgeries = [
+        // alg none, unsigned and with an empty signature.
+        format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT"})),
+            b64(&valid)
+        ),
+        format!("{}.{}", b64(&json!({"alg": "none"})), b64(&valid)),
+        // Other algorithms, including RS256 "verified" with the HMAC key (key confusion).
+        sign(Algorithm::HS384, &key, &valid),
+        sign(Algorithm::HS512, &key, &valid),
+        forged(json!({"alg": "RS256", "typ": "JWT"}), &valid),
+        forged(json!({"alg": "hs256", "typ": "JWT"}), &valid),
+        forged(
+            json!({"alg": "HS256", "crit": ["exp"], "typ": "JWT"}),
+            &valid,
+        ),
+        // A valid signature on different claims (payload swapped).
+        format!(
+            "{genuine_head}.{}.{genuine_sig}",
+            b64(&with("sub", json!("someone-else")))
+        ),
+        // Wrong key; expired; not yet valid; wrong issuer and audience.
+        sign(Algorithm::HS256, "wrong-secret", &valid),
+        hs256(&with("exp", json!(now() - 600))),
+        hs256(&with("nbf", json!(now() + 600))),
+        hs256(&with("iss", json!("https://evil.example.com"))),
+        hs256(&with("aud", json!("someone-else"))),
+        // Missing or unusable claims.
+        hs256(&without("exp")),
+        hs256(&without("sub")),
+        hs256(&with("sub", json!(""))),
+        hs256(&with("sub", json!("u".repeat(257)))),
+        hs256(&with("sub", json!("user\u{0}id"))),
+        hs256(&with("sub", json!(42))),
+        hs256(&with("exp", json!("tomorrow"))),
+        // Garbage shapes.
+        "not-a-jwt".to_owned(),
+        "a.b.c".to_owned(),
+        format!("{genuine}.extra"),
+        "x".repeat(16 * 1024),
+    ];
+    // The hand-made HS256 path is sound: the same construction with the right header passes.
+    let control = forged(json!({"alg": "HS256", "typ": "JWT"}), &valid);
+    let (status, _) = answer_status(&control).await;
+    assert_eq!(status, StatusCode::OK, "hand-signed HS256 control token");
+    let mut bad_tokens = vec![
         None,
         Some("Bearer".to_owned()),
+        Some("Bearer ".to_owned()),
         Some("Basic dXNlcjpwYXNz".to_owned()),
-        Some("Bearer not-a-jwt".to_owned()),
-        Some(format!("Bearer {}", sign(Algorithm::HS256, &key, &expired))),
-        Some(format!(
-            "Bearer {}",
-            sign(Algorithm::HS256, "wrong-secret", &claims(&user))
-        )),
-        Some(format!(
-            "Bearer {}",
-            sign(Algorithm::HS384, &key, &claims(&user))
-        )),
+        Some(format!("Token {genuine}")),
+        Some(genuine.clone()),
     ];
+    bad_tokens.extend(forgeries.iter().map(|t| Some(format!("Bearer {t}"))));
     for (method, path) in protected_routes() {
         for authorization in &bad_tokens {
             let mut request = client.request(method.clone(), format!("{}{path}", api_url()));
@@ -94,10 +189,23 @@ async fn protected_routes_refuse_requests_without_a_valid_token() {
                 request = request.header("authorization", value);
             }
             let response = request.send().await.unwrap();
-            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            let shown: String = authorization
+                .iter()
+                .flat_map(|a| a.chars().take(80))
+                .collect();
+            assert_eq!(
+                response
+                    .headers()
+                    .get("www-authenticate")
+                    .map(|v| v.as_bytes()),
+                Some(&b"Bearer"[..]),
+                "{method} {path} with {shown:?}: {}",
+                response.status()
+            );
             let body = error_body(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
             let text = body.to_string();
             assert!(!text.contains(&key), "no secret in the error body");
+            assert!(!text.contains(genuine_sig), "no token in the error body");
         }
     }
 }

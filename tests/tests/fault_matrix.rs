@@ -1,0 +1,417 @@
+//! The fault matrix: for each remote step (DynamoDB, KMS, Secrets Manager, Klaviyo's token,
+//! accounts and revoke endpoints) and each failure (timeout, 5xx, throttling, malformed body,
+//! connection refused), a function process whose endpoint for that step goes through a
+//! loopback fault proxy gives the documented answer, writes nothing half-way, loses nothing,
+//! and succeeds on retry once the fault clears. The five failures of a step run
+//! concurrently, each with its own proxy and function processes.
+
+use e2e::fault_proxy::{Failure, Fault, FaultProxy, Matcher};
+use e2e::lambda::{ApiRequest, HttpReply, LocalLambda};
+use e2e::{
+    accounts_of, auth_url, authorize, connected_id, klaviyo_account, pending_revocations,
+    refresh_tokens, register_api_key, sandbox_url, setting, settings_page, token_for, unique,
+};
+use futures::future::join_all;
+use serde_json::json;
+use std::future::Future;
+
+const SECURITY_HEADERS: [&str; 5] = [
+    "strict-transport-security",
+    "content-security-policy",
+    "x-content-type-options",
+    "referrer-policy",
+    "cache-control",
+];
+
+/// Proxies in front of moto and the sandbox, and functions that reach them only through
+/// those proxies.
+struct Stage {
+    aws: FaultProxy,
+    klaviyo: FaultProxy,
+}
+
+impl Stage {
+    async fn new() -> Self {
+        Self {
+            aws: FaultProxy::start(&setting("AWS_ENDPOINT_URL")).await,
+            klaviyo: FaultProxy::start(&sandbox_url()).await,
+        }
+    }
+
+    async fn function(&self, name: &str) -> LocalLambda {
+        let klaviyo = self.klaviyo.url();
+        LocalLambda::start(
+            name,
+            &[
+                ("AWS_ENDPOINT_URL", self.aws.url()),
+                ("KLAVIYO_OAUTH_BASE", klaviyo.clone()),
+                ("KLAVIYO_API_BASE", format!("{klaviyo}/api")),
+            ],
+        )
+        .await
+    }
+
+    fn proxy(&self, matcher: Matcher) -> &FaultProxy {
+        match matcher {
+            Matcher::AwsTarget(_) => &self.aws,
+            Matcher::Path(_) => &self.klaviyo,
+        }
+    }
+
+    async fn inject(&self, matcher: Matcher, failure: Failure) {
+        self.proxy(matcher).inject(Fault { matcher, failure }).await;
+    }
+
+    async fn clear(&self, matcher: Matcher) {
+        self.proxy(matcher).clear().await;
+    }
+}
+
+/// Runs `cell` once per failure, all at once, and reports every failing cell together.
+async fn each_failure<F, Fut>(step: &str, cell: F)
+where
+    F: Fn(Failure) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let runs = Failure::ALL.map(|failure| {
+        let run = tokio::spawn(cell(failure));
+        async move { (failure, run.await) }
+    });
+    let failed: Vec<String> = join_all(runs)
+        .await
+        .into_iter()
+        .filter_map(|(failure, result)| {
+            result.err().map(|e| {
+                let reason = e
+                    .try_into_panic()
+                    .ok()
+                    .and_then(|p| {
+                        p.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    })
+                    .unwrap_or_default();
+                format!("{step} × {failure:?}: {reason}")
+            })
+        })
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+fn assert_error(reply: &HttpReply, status: u16, code: &str, context: &str) {
+    assert_eq!(reply.status, status, "{context}: {}", reply.body);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json"),
+        "{context}"
+    );
+    for name in SECURITY_HEADERS {
+        assert!(reply.header(name).is_some(), "{context}: {name} missing");
+    }
+    let body = reply.json();
+    assert_eq!(body["success"], false, "{context}");
+    assert_eq!(body["error"]["code"], code, "{context}: {body}");
+}
+
+fn redirected_to(reply: &HttpReply, outcome: &str, context: &str) {
+    assert_eq!(reply.status, 302, "{context}: {}", reply.body);
+    assert_eq!(
+        reply.header("location"),
+        Some(settings_page(outcome).as_str()),
+        "{context}"
+    );
+}
+
+/// Klaviyo's redirect back to us, for a fresh authorization of `account` by `token`,
+/// as a request for a local callback function.
+async fn callback_request(token: &str, account: &str) -> ApiRequest {
+    let auth = auth_url(token, None).await;
+    let callback = authorize(&auth, account, true).await;
+    let url = url::Url::parse(&callback).expect("callback URL");
+    ApiRequest::new(
+        "GET",
+        &format!("{}?{}", url.path(), url.query().unwrap_or("")),
+    )
+}
+
+fn list(token: &str) -> ApiRequest {
+    ApiRequest::new("GET", "/api/oauth/accounts").bearer(token)
+}
+
+fn delete(token: &str, id: &str) -> ApiRequest {
+    ApiRequest::new("DELETE", &format!("/api/oauth/accounts/{id}"))
+        .bearer(token)
+        .path_parameter("accountId", id)
+}
+
+fn api_key(token: &str, key: &str) -> ApiRequest {
+    ApiRequest::new("POST", "/api/oauth/connect/klaviyo/api-key")
+        .bearer(token)
+        .json(&json!({"apiKey": key, "accountName": "Fault matrix"}))
+}
+
+/// A user half-way through both ways of connecting: Klaviyo's redirect back for a fresh OAuth
+/// flow, and a valid API key for another account, with connect and callback processes behind
+/// the proxies.
+struct Connecting {
+    stage: Stage,
+    connect: LocalLambda,
+    callback: LocalLambda,
+    token: String,
+    account: String,
+    returning: ApiRequest,
+    key: String,
+}
+
+impl Connecting {
+    async fn new() -> Self {
+        let stage = Stage::new().await;
+        let (connect, callback) =
+            tokio::join!(stage.function("connect"), stage.function("callback"));
+        let token = token_for(&unique("user")).await;
+        let account = klaviyo_account();
+        let returning = callback_request(&token, &account).await;
+        let key = register_api_key(&klaviyo_account()).await;
+        Self {
+            stage,
+            connect,
+            callback,
+            token,
+            account,
+            returning,
+            key,
+        }
+    }
+}
+
+#[tokio::test]
+async fn dynamodb_failures_are_503s_and_failed_redirects_and_lose_nothing() {
+    let step = Matcher::AwsTarget("DynamoDB_20120810.");
+    each_failure("DynamoDB", move |failure| async move {
+        let stage = Stage::new().await;
+        let (accounts, callback, disconnect) = tokio::join!(
+            stage.function("accounts"),
+            stage.function("callback"),
+            stage.function("disconnect"),
+        );
+        let token = token_for(&unique("user")).await;
+        let existing = connected_id(&token, &klaviyo_account()).await;
+        let account = klaviyo_account();
+        let returning = callback_request(&token, &account).await;
+
+        stage.inject(step, failure).await;
+        let (listed, landed, removed) = tokio::join!(
+            accounts.http(list(&token)),
+            callback.http(returning.clone()),
+            disconnect.http(delete(&token, &existing)),
+        );
+        assert_error(&listed, 503, "service_unavailable", "list");
+        redirected_to(&landed, "error=klaviyo_connection_failed", "callback");
+        assert_error(&removed, 503, "service_unavailable", "disconnect");
+        stage.clear(step).await;
+
+        // Nothing was half-done: the connection is still there, the state still unused.
+        let listed = accounts.http(list(&token)).await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        assert_eq!(listed.json()["accounts"].as_array().unwrap().len(), 1);
+        let landed = callback.http(returning).await;
+        redirected_to(&landed, "connected=klaviyo", "the same callback, retried");
+        let removed = disconnect.http(delete(&token, &existing)).await;
+        assert_eq!(removed.status, 200, "{}", removed.body);
+        let remaining = accounts_of(&token).await;
+        assert_eq!(remaining.len(), 1);
+        assert_eq!(remaining[0]["klaviyoAccountId"], account.as_str());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kms_failures_fail_the_flow_revoke_what_was_issued_and_store_nothing() {
+    let step = Matcher::AwsTarget("TrentService.");
+    each_failure("KMS", move |failure| async move {
+        let Connecting {
+            stage,
+            connect,
+            callback,
+            token,
+            account,
+            returning,
+            key,
+        } = Connecting::new().await;
+
+        stage.inject(step, failure).await;
+        let (landed, keyed) = tokio::join!(
+            callback.http(returning),
+            connect.http(api_key(&token, &key)),
+        );
+        redirected_to(&landed, "error=klaviyo_connection_failed", "callback");
+        assert_error(&keyed, 503, "service_unavailable", "api key");
+        assert!(accounts_of(&token).await.is_empty(), "nothing stored");
+        assert!(
+            refresh_tokens(&account, "active").await.is_empty(),
+            "the tokens that could not be stored were revoked"
+        );
+        stage.clear(step).await;
+
+        let landed = callback
+            .http(callback_request(&token, &account).await)
+            .await;
+        redirected_to(&landed, "connected=klaviyo", "a new attempt");
+        let keyed = connect.http(api_key(&token, &key)).await;
+        assert_eq!(keyed.status, 201, "{}", keyed.body);
+        assert_eq!(accounts_of(&token).await.len(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn secrets_manager_failures_at_start_up_are_503s_until_it_recovers() {
+    let step = Matcher::AwsTarget("secretsmanager.");
+    each_failure("Secrets Manager", move |failure| async move {
+        let stage = Stage::new().await;
+        // Down before the functions start: their start-up fetch fails, and they start anyway.
+        stage.inject(step, failure).await;
+        let (accounts, callback) =
+            tokio::join!(stage.function("accounts"), stage.function("callback"));
+        let token = token_for(&unique("user")).await;
+        let account = klaviyo_account();
+        let returning = callback_request(&token, &account).await;
+
+        let (listed, landed) = tokio::join!(
+            accounts.http(list(&token)),
+            callback.http(returning.clone())
+        );
+        assert_error(&listed, 503, "service_unavailable", "list");
+        redirected_to(&landed, "error=klaviyo_connection_failed", "callback");
+        stage.clear(step).await;
+
+        // The same processes fetch the secrets on the next request and keep them.
+        let listed = accounts.http(list(&token)).await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        let landed = callback.http(returning).await;
+        redirected_to(&landed, "connected=klaviyo", "the same callback, retried");
+        assert_eq!(accounts_of(&token).await.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn klaviyo_token_failures_fail_the_flow_and_store_nothing() {
+    let step = Matcher::Path("/oauth/token");
+    each_failure("Klaviyo token", move |failure| async move {
+        let stage = Stage::new().await;
+        let callback = stage.function("callback").await;
+        let token = token_for(&unique("user")).await;
+        let account = klaviyo_account();
+        let returning = callback_request(&token, &account).await;
+
+        stage.inject(step, failure).await;
+        let landed = callback.http(returning).await;
+        redirected_to(&landed, "error=klaviyo_connection_failed", "callback");
+        assert!(accounts_of(&token).await.is_empty(), "nothing stored");
+        stage.clear(step).await;
+
+        let landed = callback
+            .http(callback_request(&token, &account).await)
+            .await;
+        redirected_to(&landed, "connected=klaviyo", "a new attempt");
+        assert_eq!(accounts_of(&token).await.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn klaviyo_accounts_failures_fail_the_flow_or_the_key_check_and_revoke_new_tokens() {
+    let step = Matcher::Path("/api/accounts");
+    each_failure("Klaviyo accounts", move |failure| async move {
+        let Connecting {
+            stage,
+            connect,
+            callback,
+            token,
+            account,
+            returning,
+            key,
+        } = Connecting::new().await;
+
+        stage.inject(step, failure).await;
+        let (landed, keyed) = tokio::join!(
+            callback.http(returning),
+            connect.http(api_key(&token, &key)),
+        );
+        redirected_to(&landed, "error=klaviyo_connection_failed", "callback");
+        if failure == Failure::Throttled {
+            assert_error(&keyed, 429, "rate_limited", "api key");
+            assert_eq!(
+                keyed.header("retry-after"),
+                Some("1"),
+                "Klaviyo's Retry-After"
+            );
+        } else {
+            assert_error(&keyed, 502, "klaviyo_unavailable", "api key");
+        }
+        assert!(!keyed.body.contains(&key), "the key is never echoed");
+        assert!(accounts_of(&token).await.is_empty(), "nothing stored");
+        assert!(
+            refresh_tokens(&account, "active").await.is_empty(),
+            "the new tokens were revoked"
+        );
+        stage.clear(step).await;
+
+        let landed = callback
+            .http(callback_request(&token, &account).await)
+            .await;
+        redirected_to(&landed, "connected=klaviyo", "a new attempt");
+        let keyed = connect.http(api_key(&token, &key)).await;
+        assert_eq!(keyed.status, 201, "{}", keyed.body);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn klaviyo_revoke_failures_still_disconnect_and_leave_the_revocation_queued() {
+    let step = Matcher::Path("/oauth/revoke");
+    // Phase one for every failure at once: disconnect while revoke fails. The refresh job
+    // finishes every due revocation it finds, so it runs only after all cells have looked.
+    let cells = join_all(Failure::ALL.map(|failure| async move {
+        let stage = Stage::new().await;
+        let disconnect = stage.function("disconnect").await;
+        let token = token_for(&unique("user")).await;
+        let account = klaviyo_account();
+        let id = connected_id(&token, &account).await;
+
+        stage.inject(step, failure).await;
+        let removed = disconnect.http(delete(&token, &id)).await;
+        assert_eq!(removed.status, 200, "{failure:?}: {}", removed.body);
+        assert!(accounts_of(&token).await.is_empty(), "{failure:?}: listed");
+        if failure == Failure::Malformed {
+            // RFC 7009: a 200 means revoked and its body is ignored, so a 200 with an
+            // unexpected body confirms the revocation like any other 200.
+            assert_eq!(pending_revocations(&id).await, 0, "confirmed by the 200");
+        } else {
+            let active = refresh_tokens(&account, "active").await.len();
+            assert_eq!(active, 1, "{failure:?}: not revoked yet");
+            assert_eq!(pending_revocations(&id).await, 1, "{failure:?}: queued");
+        }
+        stage.clear(step).await;
+        (failure, account, id)
+    }))
+    .await;
+
+    // Klaviyo is back: the next refresh run (not behind any proxy) finishes them all.
+    e2e::invoke_refresh().await;
+    for (failure, account, id) in cells {
+        if failure == Failure::Malformed {
+            continue;
+        }
+        assert!(
+            refresh_tokens(&account, "active").await.is_empty(),
+            "{failure:?}: revoked by the refresh job"
+        );
+        assert_eq!(
+            pending_revocations(&id).await,
+            0,
+            "{failure:?}: every trace gone"
+        );
+    }
+}
