@@ -2,26 +2,38 @@
 # `make test`: formatting, lints, and every test, against a local stack of its own (moto and
 # `cargo lambda watch` on free loopback ports), torn down even on failure. Exits non-zero
 # if anything fails.
+#
+#   scripts/test.sh           everything (`make test`), with a short schemathesis run
+#   scripts/test.sh --fuzz    only the stack and a long schemathesis run (`make fuzz`;
+#                             FUZZ_EXAMPLES per operation, default 1000, FUZZ_SECONDS, default 1200)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+fuzz_only=false
+[[ "${1:-}" == "--fuzz" ]] && fuzz_only=true
 
 step() { printf '\n==> %s\n' "$*" >&2; }
+
+# A full run builds once: incremental caches would only take disk (several GB here).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+step "Disk before: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 
 step "Tooling (.venv)"
 scripts/venv.sh
 
-step "cfn-lint template.yaml"
-.venv/bin/cfn-lint template.yaml
+if ! $fuzz_only; then
+  step "cfn-lint template.yaml"
+  .venv/bin/cfn-lint template.yaml
 
-step "cargo fmt --check"
-cargo fmt --all -- --check
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
 
-step "cargo clippy -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+  step "cargo clippy -D warnings"
+  cargo clippy --workspace --all-targets -- -D warnings
 
-step "Build"
-cargo build --workspace --all-targets
+  step "Build"
+  cargo build --workspace --all-targets
+fi
 
 export LOCAL_STACK_DIR="$root/.local/test-$$"
 LOCAL_API_PORT="$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
@@ -52,5 +64,15 @@ setsid scripts/watch.sh --ignore-changes > "$FUNCTIONS_LOG" 2>&1 &
 watch_pid=$!
 .venv/bin/python scripts/warm_up.py "$LOCAL_API_URL" 600
 
+if $fuzz_only; then
+  step "schemathesis (long run)"
+  scripts/fuzz.sh "${FUZZ_EXAMPLES:-1000}" "${FUZZ_SECONDS:-1200}"
+  exit 0
+fi
+
 step "cargo test --workspace"
 cargo test --workspace
+
+step "schemathesis against docs/openapi.yaml (bounded; make fuzz runs longer)"
+scripts/fuzz.sh 25 90
+step "Disk after: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target $(du -sh target | cut -f1), .venv $(du -sh .venv | cut -f1)"
