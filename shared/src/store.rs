@@ -72,6 +72,23 @@ where
         .is_some_and(|code| code == "ConditionalCheckFailedException")
 }
 
+/// Which items of a cancelled transaction failed their condition (`None` when the
+/// transaction was not cancelled, or failed for another reason).
+fn failed_conditions<R>(error: &SdkError<TransactWriteItemsError, R>) -> Option<Vec<bool>> {
+    let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+        error.as_service_error()
+    else {
+        return None;
+    };
+    Some(
+        cancelled
+            .cancellation_reasons()
+            .iter()
+            .map(|reason| reason.code() == Some("ConditionalCheckFailed"))
+            .collect(),
+    )
+}
+
 /// Where a connection lives, as the due index gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionKey {
@@ -154,31 +171,15 @@ impl Store {
             .await;
         match result {
             Ok(_) => Ok(Admission::Admitted),
-            Err(e) => {
-                let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
-                    e.as_service_error()
-                else {
-                    return Err(e.into());
-                };
-                let failed = |index: usize| {
-                    cancelled
-                        .cancellation_reasons()
-                        .get(index)
-                        .and_then(|reason| reason.code())
-                        .is_some_and(|code| code == "ConditionalCheckFailed")
-                };
-                if failed(1) {
-                    Ok(Admission::Limited)
-                } else if failed(0) {
-                    // The state is 32 random bytes, so only this request can have written
-                    // it: an attempt whose answer was lost landed, and the SDK's retry met
-                    // it. (DynamoDB's idempotency token prevents this; emulators may not.)
-                    Ok(Admission::Admitted)
-                } else {
-                    // A concurrent transaction on the same counter: retryable.
-                    Err(StoreError::Unavailable(DisplayErrorContext(&e).to_string()))
-                }
-            }
+            Err(e) => match failed_conditions(&e).as_deref() {
+                Some([_, true, ..]) => Ok(Admission::Limited),
+                // The state is 32 random bytes, so only this request can have written it: an
+                // attempt whose answer was lost landed, and the SDK's retry met it.
+                // (DynamoDB's idempotency token prevents this; emulators may not.)
+                Some([true, ..]) => Ok(Admission::Admitted),
+                // A concurrent transaction on the same counter (retryable), or no answer.
+                _ => Err(e.into()),
+            },
         }
     }
 
@@ -430,14 +431,16 @@ impl Store {
             .await;
         match result {
             Ok(_) => Ok(()),
-            // A failed condition or a concurrent transaction on the same item.
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_transaction_canceled_exception()) =>
-            {
-                Err(StoreError::Conflict)
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => match failed_conditions(&e) {
+                // The revocation id is random, so only this request can have written it: an
+                // attempt whose answer was lost landed (deleting the connection with it), and
+                // the SDK's retry met it. (DynamoDB's idempotency token prevents this;
+                // emulators may not.)
+                Some(failed) if failed.get(1) == Some(&true) => Ok(()),
+                // The connection changed, or a concurrent transaction on the same item.
+                Some(_) => Err(StoreError::Conflict),
+                None => Err(e.into()),
+            },
         }
     }
 

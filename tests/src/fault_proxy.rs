@@ -29,6 +29,10 @@ pub enum Failure {
     Malformed,
     /// Nothing listens on the port.
     Refused,
+    /// Once: the request reaches the upstream and takes effect, but its answer is lost (a
+    /// 5xx comes back instead), so the client's retry meets its own applied request. Not
+    /// in `ALL`: it is a property of idempotency, not a failure to survive.
+    LostAnswer,
 }
 
 impl Failure {
@@ -198,11 +202,26 @@ impl FaultProxy {
 }
 
 async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    let fault = *shared.fault.lock().unwrap();
-    if let Some(fault) = fault.filter(|f| f.matcher.matches(&request)) {
+    let fault = {
+        let mut fault = shared.fault.lock().unwrap();
+        let matched = fault.filter(|f| f.matcher.matches(&request));
+        if matched.is_some_and(|f| f.failure == Failure::LostAnswer) {
+            *fault = None;
+        }
+        matched
+    };
+    if let Some(fault) = fault {
         *shared.hits.lock().unwrap() += 1;
+        if fault.failure == Failure::LostAnswer {
+            let _applied = pass_on(&shared, request).await;
+        }
         return fail(fault).await;
     }
+    pass_on(&shared, request).await
+}
+
+/// Forwards the request upstream and returns its answer, logging the exchange.
+async fn pass_on(shared: &Shared, request: Request) -> Response {
     let started = Instant::now();
     let what = match request.headers().get("x-amz-target") {
         Some(target) => target.to_str().unwrap_or("?").to_owned(),
@@ -256,13 +275,13 @@ async fn fail(fault: Fault) -> Response {
             tokio::time::sleep(Duration::from_secs(120)).await;
             return StatusCode::GATEWAY_TIMEOUT.into_response();
         }
-        Failure::ServerError if aws => (
+        Failure::ServerError | Failure::LostAnswer if aws => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "application/x-amz-json-1.0",
             r#"{"__type":"InternalServerError","message":"injected fault"}"#,
             None,
         ),
-        Failure::ServerError => (
+        Failure::ServerError | Failure::LostAnswer => (
             StatusCode::SERVICE_UNAVAILABLE,
             "application/vnd.api+json",
             r#"{"errors":[{"status":"503","code":"service_unavailable","detail":"injected fault"}]}"#,

@@ -99,6 +99,25 @@ pub async fn raw_item(
         .item
 }
 
+/// Connect attempts counted against `user`'s rate limit, over every window still stored.
+pub async fn connect_attempts(user: &str) -> u64 {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    aws_sdk_dynamodb::Client::new(&sdk)
+        .query()
+        .table_name(setting("TABLE_NAME"))
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S(format!("RATE#{user}")))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("query the table")
+        .items()
+        .iter()
+        .filter_map(|item| item.get("hits")?.as_n().ok()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// A name no other test (or earlier run against the same stack) uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())

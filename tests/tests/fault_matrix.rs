@@ -8,8 +8,9 @@
 use e2e::fault_proxy::{Failure, Fault, FaultProxy, Matcher};
 use e2e::lambda::{ApiRequest, HttpReply, LocalLambda};
 use e2e::{
-    accounts_of, auth_url, authorize, connected_id, klaviyo_account, pending_revocations,
-    refresh_tokens, register_api_key, sandbox_url, setting, settings_page, token_for, unique,
+    accounts_of, auth_url, authorize, connect_attempts, connected_id, klaviyo_account, location,
+    pending_revocations, refresh_tokens, register_api_key, sandbox_url, setting, settings_page,
+    token_for, unique,
 };
 use futures::future::join_all;
 use serde_json::json;
@@ -414,4 +415,43 @@ async fn klaviyo_revoke_failures_still_disconnect_and_leave_the_revocation_queue
             "{failure:?}: every trace gone"
         );
     }
+}
+
+/// A transaction that took effect but whose answer was lost: the SDK retries it and the retry
+/// meets the applied transaction (DynamoDB's idempotency token would absorb it; moto ignores
+/// the token). Connect and disconnect recognise their own write and succeed, exactly once.
+#[tokio::test]
+async fn transactions_whose_answer_was_lost_take_effect_once() {
+    let step = Matcher::AwsTarget("DynamoDB_20120810.TransactWriteItems");
+    let stage = Stage::new().await;
+    let (connect, disconnect) =
+        tokio::join!(stage.function("connect"), stage.function("disconnect"));
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+
+    // Connect: one pending authorization that works, counted once against the rate limit.
+    stage.inject(step, Failure::LostAnswer).await;
+    let started = connect
+        .http(ApiRequest::new("GET", "/api/oauth/connect/klaviyo").bearer(&token))
+        .await;
+    assert_eq!(started.status, 200, "{}", started.body);
+    assert_eq!(stage.aws.hits(), 1, "the transaction's answer was lost");
+    let auth = url::Url::parse(started.json()["authUrl"].as_str().expect("authUrl")).unwrap();
+    let landed = location(&authorize(&auth, &account, true).await).await;
+    assert_eq!(landed, settings_page("connected=klaviyo"));
+    assert_eq!(connect_attempts(&user).await, 1, "counted once");
+
+    // Disconnect: removed, its refresh token revoked at Klaviyo, nothing left queued.
+    let id = connected_id(&token, &account).await;
+    stage.inject(step, Failure::LostAnswer).await;
+    let removed = disconnect.http(delete(&token, &id)).await;
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    assert_eq!(stage.aws.hits(), 2, "the transaction's answer was lost");
+    assert!(accounts_of(&token).await.is_empty());
+    assert!(
+        refresh_tokens(&account, "active").await.is_empty(),
+        "revoked at Klaviyo"
+    );
+    assert_eq!(pending_revocations(&id).await, 0, "nothing left queued");
 }
