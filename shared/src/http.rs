@@ -188,6 +188,9 @@ const SECURITY_HEADERS: [(&str, &str); 5] = [
 const CORS_ALLOW_METHODS: &str = "GET, POST, DELETE, OPTIONS";
 const CORS_ALLOW_HEADERS: &str = "authorization, content-type";
 const CORS_MAX_AGE_SECS: &str = "600";
+/// Response headers a browser page may read besides the CORS-safelisted ones: a 429's
+/// `retry-after`, so the page can say when to try again.
+const CORS_EXPOSE_HEADERS: &str = "retry-after";
 
 /// The response policy every HTTP function shares: CORS allowlist and security headers.
 #[derive(Debug, Clone)]
@@ -280,6 +283,10 @@ fn decorate(mut response: Response<Body>, origin: Option<&HeaderValue>) -> Respo
     headers.append(header::VARY, HeaderValue::from_static("origin"));
     if let Some(origin) = origin {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(CORS_EXPOSE_HEADERS),
+        );
     }
     response
 }
@@ -437,6 +444,10 @@ mod tests {
             response.headers()["access-control-allow-origin"],
             "https://app.example.com"
         );
+        assert_eq!(
+            response.headers()["access-control-expose-headers"],
+            "retry-after"
+        );
 
         for bad in [
             "https://evil.example.com",
@@ -447,13 +458,12 @@ mod tests {
             let response = web()
                 .serve(&req, || async { Ok(json(StatusCode::OK, &1)) })
                 .await;
-            assert!(
-                response
-                    .headers()
-                    .get("access-control-allow-origin")
-                    .is_none(),
-                "{bad}"
-            );
+            for name in [
+                "access-control-allow-origin",
+                "access-control-expose-headers",
+            ] {
+                assert!(response.headers().get(name).is_none(), "{bad}: {name}");
+            }
         }
     }
 
