@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make dev`: the whole system on this machine: local AWS (moto), the local Klaviyo sandbox
 # on http://127.0.0.1:${LOCAL_SANDBOX_PORT:-9100}, the five functions under `cargo lambda
-# watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit), and a ready JWT.
+# watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit), the example
+# settings page on http://127.0.0.1:${LOCAL_FRONTEND_PORT:-9300}/settings, and a ready JWT.
 # Ctrl-C stops everything it started.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,6 +12,7 @@ scripts/venv.sh
 export LOCAL_STACK_DIR="${LOCAL_STACK_DIR:-$root/.local/stack}"
 export LOCAL_API_PORT="${LOCAL_API_PORT:-9000}"
 export LOCAL_SANDBOX_PORT="${LOCAL_SANDBOX_PORT:-9100}"
+export LOCAL_FRONTEND_PORT="${LOCAL_FRONTEND_PORT:-9300}"
 watch_pid=""
 cleanup() {
   [[ -n "$watch_pid" ]] && kill -TERM -- "-$watch_pid" 2>/dev/null || true
@@ -29,10 +31,16 @@ cat <<BANNER
 
 klaviyo-connect is running locally.
 
+  Settings page (example)    $FRONTEND_URL/settings
   API (cargo lambda watch)   $LOCAL_API_URL
   Klaviyo sandbox            $KLAVIYO_SANDBOX_URL
   Local AWS (moto)           $AWS_ENDPOINT_URL   table $TABLE_NAME
-  Frontend URL (redirects)   $FRONTEND_URL
+
+Open the settings page as user "local-user-1" (the JWT rides in the address's fragment,
+which the browser never sends to a server), click Connect Klaviyo, and choose Allow or Deny
+on the sandbox's consent screen:
+
+  $FRONTEND_URL/settings#api=$LOCAL_API_URL&token=$token
 
 A JWT for user "local-user-1", valid 24 h (another: scripts/dev-token.sh USER_ID):
 

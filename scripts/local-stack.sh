@@ -7,9 +7,10 @@
 #   scripts/local-stack.sh env            print the environment of the running stack
 #
 # LOCAL_STACK_DIR (default .local/stack) holds the stack's state, so several stacks (a dev
-# stack and a test stack) can run side by side. LOCAL_API_PORT (default 9000) and
-# LOCAL_FRONTEND_PORT (default 9300) set the URLs printed for the functions and the page;
-# LOCAL_SANDBOX_PORT (default: a free port) the sandbox's.
+# stack and a test stack) can run side by side. LOCAL_API_PORT (default 9000) sets the URL
+# the functions are expected on (`cargo lambda watch` is started separately);
+# LOCAL_FRONTEND_PORT and LOCAL_SANDBOX_PORT (default: free ports) where the example
+# settings page (FRONTEND_URL) and the sandbox listen.
 # Only `export` lines go to stdout; progress goes to stderr.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,13 +56,16 @@ wait_for() {
 
 up() {
   "$root/scripts/venv.sh"
-  if server_running && process_running sandbox klaviyo-sandbox && [[ -f "$state/env.sh" ]]; then
+  if server_running && process_running sandbox klaviyo-sandbox && process_running page serve_page \
+      && [[ -f "$state/env.sh" ]]; then
     cat "$state/env.sh"
     return 0
   fi
   down 2>/dev/null  # a half-started stack is replaced whole
   mkdir -p "$state"
   local port; port="${MOTO_PORT:-$(free_port)}"
+  local api_url="http://127.0.0.1:${LOCAL_API_PORT:-9000}"
+  local frontend_port; frontend_port="${LOCAL_FRONTEND_PORT:-$(free_port)}"
   local endpoint="http://127.0.0.1:$port"
   echo "Starting moto_server on $endpoint (log: $state/moto.log)" >&2
   nohup "$root/.venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$state/moto.log" 2>&1 &
@@ -70,8 +74,14 @@ up() {
   "$python" "$root/scripts/provision.py" \
     --endpoint "$endpoint" \
     --template "$root/template.yaml" \
-    --api-url "http://127.0.0.1:${LOCAL_API_PORT:-9000}" \
-    --frontend-url "http://127.0.0.1:${LOCAL_FRONTEND_PORT:-9300}" > "$state/env.sh.tmp"
+    --api-url "$api_url" \
+    --frontend-url "http://127.0.0.1:$frontend_port" > "$state/env.sh.tmp"
+
+  echo "Serving the settings page on http://127.0.0.1:$frontend_port (log: $state/page.log)" >&2
+  nohup "$python" "$root/scripts/serve_page.py" --port "$frontend_port" --api-url "$api_url" \
+    > "$state/page.log" 2>&1 &
+  echo $! > "$state/page.pid"
+  wait_for page serve_page "http://127.0.0.1:$frontend_port/settings"
 
   # The Klaviyo sandbox reads the client secret from the local Secrets Manager, like Klaviyo
   # knows it independently of the functions.
@@ -96,6 +106,7 @@ EXPORTS
 
 down() {
   stop_process sandbox klaviyo-sandbox
+  stop_process page serve_page
   stop_process moto moto_server
   rm -rf "$state"
 }

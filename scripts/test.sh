@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make test`: formatting, lints, and every test, against a local stack of its own (moto and
-# `cargo lambda watch` on free loopback ports), torn down even on failure. Exits non-zero
-# if anything fails.
+# `make test`: formatting, lints, and every test, against a local stack of its own (moto, the
+# Klaviyo sandbox, the example settings page and `cargo lambda watch` on free loopback ports),
+# torn down even on failure: cargo tests, a bounded schemathesis run, and the settings-page
+# journey in Chromium. Exits non-zero if anything fails.
 #
 #   scripts/test.sh           everything (`make test`), with a short schemathesis run
 #   scripts/test.sh --fuzz    only the stack and a long schemathesis run (`make fuzz`;
@@ -36,8 +37,10 @@ if ! $fuzz_only; then
 fi
 
 export LOCAL_STACK_DIR="$root/.local/test-$$"
-LOCAL_API_PORT="$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-export LOCAL_API_PORT
+free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+LOCAL_API_PORT="$(free_port)"
+LOCAL_FRONTEND_PORT="$(free_port)"
+export LOCAL_API_PORT LOCAL_FRONTEND_PORT
 watch_pid=""
 cleanup() {
   status=$?
@@ -75,4 +78,7 @@ cargo test --workspace
 
 step "schemathesis against docs/openapi.yaml (bounded; make fuzz runs longer)"
 scripts/fuzz.sh 25 90
+
+step "The settings page in Chromium (playwright-core)"
+scripts/browser-test.sh
 step "Disk after: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target $(du -sh target | cut -f1), .venv $(du -sh .venv | cut -f1)"

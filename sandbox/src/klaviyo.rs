@@ -185,7 +185,12 @@ async fn authorize(
             ("error_description", "PKCE S256 is required"),
         ]);
     }
-    if q.get("sandbox_decision").map(String::as_str) == Some("deny") {
+    let decision = q.get("sandbox_decision").map(String::as_str);
+    if decision.is_none() && wants_html(&headers) {
+        // A person in a browser: ask them, as Klaviyo's consent screen does.
+        return consent_page(&q);
+    }
+    if decision == Some("deny") {
         return back(&[
             ("error", "access_denied"),
             ("error_description", "The user denied access"),
@@ -208,6 +213,105 @@ async fn authorize(
         );
     }
     back(&[("code", &code)])
+}
+
+/// Browsers ask for HTML first; programs (the tests, curl) do not, and get the decision
+/// they ask for with `sandbox_decision` (approve when absent).
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"))
+}
+
+/// The consent screen: the app's request (scopes), the account to connect, Approve or Deny.
+/// Submitting comes back here with every original parameter and `sandbox_decision`.
+fn consent_page(q: &HashMap<String, String>) -> Response {
+    let hidden: String = q
+        .iter()
+        .filter(|(name, _)| !name.starts_with("sandbox_"))
+        .map(|(name, value)| {
+            format!(
+                r#"<input type="hidden" name="{}" value="{}">"#,
+                escape(name),
+                escape(value)
+            )
+        })
+        .collect();
+    let scopes: String = q
+        .get("scope")
+        .map(|scope| {
+            scope
+                .split_whitespace()
+                .map(|s| format!("<li><code>{}</code></li>", escape(s)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let account = escape(
+        q.get("sandbox_account")
+            .map_or(DEFAULT_ACCOUNT, String::as_str),
+    );
+    let organization = escape(q.get("sandbox_org").map_or("Sandbox Store", String::as_str));
+    let html = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Authorize access · Klaviyo sandbox</title>
+<style>
+body {{ font-family: system-ui, sans-serif; background: #f3f1ec; color: #232323; margin: 0; }}
+main {{ max-width: 30rem; margin: 3rem auto; background: #fff; border-radius: 12px; padding: 2rem; box-shadow: 0 4px 20px rgba(0,0,0,.08); }}
+.brand {{ font-weight: 800; letter-spacing: .02em; }} .note {{ color: #666; font-size: .85rem; }}
+label {{ display: block; font-weight: 600; margin-top: .75rem; }}
+input[type=text] {{ font: inherit; width: 100%; padding: .45rem .6rem; box-sizing: border-box; border: 1px solid #aaa; border-radius: 6px; }}
+.actions {{ display: flex; gap: .5rem; justify-content: flex-end; margin-top: 1.5rem; }}
+button {{ font: inherit; font-weight: 600; padding: .55rem 1.1rem; border-radius: 6px; border: 1px solid #232323; background: #fff; cursor: pointer; }}
+button[value=approve] {{ background: #232323; color: #fff; }}
+:focus-visible {{ outline: 3px solid #f5a623; outline-offset: 2px; }}
+</style></head>
+<body><main>
+<p class="brand">klaviyo · sandbox</p>
+<h1>Allow access to your Klaviyo account?</h1>
+<p>The app is asking for:</p><ul>{scopes}</ul>
+<form method="get" action="/oauth/authorize">{hidden}
+<label for="sandbox_account">Klaviyo account</label>
+<input type="text" id="sandbox_account" name="sandbox_account" value="{account}" required>
+<label for="sandbox_org">Organization name</label>
+<input type="text" id="sandbox_org" name="sandbox_org" value="{organization}">
+<div class="actions">
+<button type="submit" name="sandbox_decision" value="deny">Deny</button>
+<button type="submit" name="sandbox_decision" value="approve">Allow</button>
+</div></form>
+<p class="note">This is the local Klaviyo sandbox, not Klaviyo. Nothing here reaches the real Klaviyo.</p>
+</main></body></html>"#
+    );
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+/// Text for HTML element content and attribute values.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `Authorization: Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1).
@@ -562,6 +666,41 @@ async fn accounts(State(sandbox): App, method: Method, uri: Uri, headers: Header
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_consent_page_carries_the_request_back_and_escapes_what_it_echoes() {
+        let query = HashMap::from([
+            ("client_id".to_owned(), "app".to_owned()),
+            ("state".to_owned(), r#""><script>x</script>"#.to_owned()),
+            ("scope".to_owned(), "accounts:read lists:read".to_owned()),
+            ("sandbox_decision".to_owned(), "approve".to_owned()),
+        ]);
+        let response = consent_page(&query);
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let html = String::from_utf8(body.to_vec()).unwrap();
+        assert!(html.contains(r#"<input type="hidden" name="client_id" value="app">"#));
+        assert!(html.contains("&quot;&gt;&lt;script&gt;x&lt;/script&gt;"));
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("<code>lists:read</code>"));
+        // The decision is the button pressed, never a hidden field carried over.
+        assert!(!html.contains(r#"type="hidden" name="sandbox_decision""#));
+    }
+
+    #[test]
+    fn browsers_get_the_consent_page_and_programs_the_redirect() {
+        let mut headers = HeaderMap::new();
+        assert!(!wants_html(&headers));
+        headers.insert(header::ACCEPT, "*/*".parse().unwrap());
+        assert!(!wants_html(&headers));
+        headers.insert(
+            header::ACCEPT,
+            "text/html,application/xhtml+xml,*/*;q=0.8".parse().unwrap(),
+        );
+        assert!(wants_html(&headers));
+    }
 
     #[test]
     fn pkce_verification_follows_rfc_7636() {

@@ -4,7 +4,8 @@
 //! For each function it starts the release binary as its own process against a local Lambda
 //! Runtime API (`e2e::lambda`), with AWS and Klaviyo reached through counting proxies
 //! (`e2e::fault_proxy`, no faults set), and reports:
-//! - init: process start to the first poll for work;
+//! - init: process start to the first poll for work, and the part of it spent outside
+//!   remote calls (the secrets' fetch from Secrets Manager is the only one);
 //! - the first invocation's latency, then warm p50/p99 over N invocations;
 //! - handler overhead: each invocation's latency minus the time some remote call was in
 //!   flight (p50), i.e. what the function itself costs;
@@ -100,6 +101,8 @@ async fn invoke(lambda: &LocalLambda, proxies: &Proxies, request: &ApiRequest) -
 struct Row {
     name: &'static str,
     init: Duration,
+    /// Init minus the time a remote call was in flight.
+    init_own: Duration,
     samples: Vec<Sample>,
     rss_kb: u64,
     /// How many answers had each status code (an error is reported, not hidden).
@@ -146,8 +149,10 @@ async fn measure(
     proxies: &Proxies,
     requests: &[ApiRequest],
 ) -> (Row, Vec<Value>) {
+    proxies.take();
     let lambda = LocalLambda::start(name, &proxies.overrides()).await;
     let init = lambda.init_duration().await;
+    let (_, init_remote) = waits(&proxies.take());
     let mut samples = Vec::with_capacity(requests.len());
     let mut answers = Vec::with_capacity(requests.len());
     for request in requests {
@@ -166,6 +171,7 @@ async fn measure(
         Row {
             name,
             init,
+            init_own: init.saturating_sub(init_remote),
             samples,
             rss_kb,
             statuses,
@@ -181,9 +187,9 @@ fn status_of(answer: &Value) -> u64 {
 fn print(rows: &[Row]) {
     let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
     println!(
-        "| function | init ms | first ms | warm p50 ms | warm p99 ms | overhead p50 ms | peak RSS MB | round trips of a warm request | sequential waits | arm64 zip MB | answers |"
+        "| function | init ms | init own ms | first ms | warm p50 ms | warm p99 ms | overhead p50 ms | peak RSS MB | round trips of a warm request | sequential waits | arm64 zip MB | answers |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let first = row.samples[0].latency;
         let warm = &row.samples[1..];
@@ -213,9 +219,10 @@ fn print(rows: &[Row]) {
             .map(|(status, n)| format!("{n}× {status}"))
             .collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
             row.name,
             ms(row.init),
+            ms(row.init_own),
             ms(first),
             ms(percentile(&mut latencies, 0.5)),
             ms(percentile(&mut latencies, 0.99)),
@@ -223,7 +230,11 @@ fn print(rows: &[Row]) {
             row.rss_kb as f64 / 1024.0,
             calls.join(", "),
             sequential,
-            zip_mb(row.name),
+            if row.name.starts_with("floor") {
+                "–".to_owned()
+            } else {
+                zip_mb(row.name)
+            },
             answers.join(", "),
         );
     }
@@ -301,6 +312,16 @@ async fn main() {
         .map(|_| ApiRequest::new("GET", "/api/oauth/accounts").bearer(&tokens[0]))
         .collect();
     let (row, _) = measure("accounts", &proxies, &list).await;
+    rows.push(row);
+
+    // The floor: a request the accounts function refuses before any remote call (no token),
+    // so its latency is the Runtime API exchange, the event's parsing, a log line and the
+    // error response: what every invocation pays before the handler's own work.
+    let refused: Vec<ApiRequest> = (0..=n)
+        .map(|_| ApiRequest::new("GET", "/api/oauth/accounts"))
+        .collect();
+    let (mut row, _) = measure("accounts", &proxies, &refused).await;
+    row.name = "floor: accounts, 401";
     rows.push(row);
 
     // disconnect: every connection made above (each revoked at the sandbox).

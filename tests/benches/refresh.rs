@@ -140,12 +140,16 @@ async fn run(latency_ms: u64) {
     let concurrency = env.config.refresh_concurrency;
     let job = shared::refresh::Refresh::new(&env, klaviyo);
     let rss_before = memory("VmRSS");
+    let moto = moto_pid();
+    let (job_cpu_before, moto_cpu_before) = (cpu_seconds("self"), cpu_seconds(&moto));
     let started = Instant::now();
     // A generous deadline: the benchmark measures throughput, not the budget cut-off.
     let summary = job
         .run(Some(SystemTime::now() + Duration::from_secs(3600)))
         .await;
     let seconds = started.elapsed().as_secs_f64();
+    let job_cpu = cpu_seconds("self") - job_cpu_before;
+    let moto_cpu = cpu_seconds(&moto) - moto_cpu_before;
     set_latency(0).await;
     println!(
         "refreshed {} of {} selected ({} failed, {} skipped_locked) in {seconds:.2} s: {:.0} connections/s \
@@ -158,6 +162,44 @@ async fn run(latency_ms: u64) {
         rss_before / 1024.0,
         memory("VmHWM") / 1024.0,
     );
+    // Where the time went: CPU per refreshed connection in this job and in moto (one
+    // process, so one core at most), and what each alone would allow.
+    let per = |cpu: f64| cpu * 1e3 / summary.refreshed.max(1) as f64;
+    println!(
+        "CPU per connection: job {:.2} ms ({:.0}% of one core), moto {:.2} ms ({:.0}% of one core) \
+         | ceilings: job {:.0}/s per core, moto {:.0}/s",
+        per(job_cpu),
+        job_cpu * 100.0 / seconds,
+        per(moto_cpu),
+        moto_cpu * 100.0 / seconds,
+        1e3 / per(job_cpu),
+        1e3 / per(moto_cpu),
+    );
+}
+
+/// The moto server of the benchmark's stack (its pid file in `LOCAL_STACK_DIR`).
+fn moto_pid() -> String {
+    let dir = std::env::var("LOCAL_STACK_DIR").expect("run through scripts/bench-refresh.sh");
+    std::fs::read_to_string(format!("{dir}/moto.pid"))
+        .expect("moto.pid")
+        .trim()
+        .to_owned()
+}
+
+/// User plus system CPU time of a process (`self` or a pid), from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3; utime and
+    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// A `/proc/self/status` figure in kB.
