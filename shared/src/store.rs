@@ -344,6 +344,11 @@ impl Store {
 
     /// Writes `connection` only if the stored version is still `expected_version` (and the
     /// connection still exists); the stored version becomes `expected_version + 1`.
+    ///
+    /// The whole record replaces the stored item (a conditional put): attributes the
+    /// connection lacks, and the refresh lease, are gone afterwards. A put costs DynamoDB
+    /// the same as an update of every attribute, and emulators evaluate it far faster than
+    /// an update expression with twenty clauses.
     pub async fn update_connection_if_version(
         &self,
         connection: &Connection,
@@ -351,19 +356,14 @@ impl Store {
     ) -> Result<Connection, StoreError> {
         let mut stored = connection.clone();
         stored.version = expected_version + 1;
-        let record = ConnectionRecord::from(&stored);
-        let (expression, names, values) = UpdateBuilder::new(&record)?.finish("version = :next");
+        let item = to_item(ConnectionRecord::from(&stored)).map_err(corrupt)?;
         let result = self
             .client
-            .update_item()
+            .put_item()
             .table_name(&self.table)
-            .set_key(Some(key(record.pk.clone(), record.sk.clone())))
-            .update_expression(expression)
+            .set_item(Some(item))
             .condition_expression("attribute_exists(pk) AND version = :expected")
-            .set_expression_attribute_names(Some(names))
-            .set_expression_attribute_values(Some(values))
             .expression_attribute_values(":expected", number(expected_version as i64))
-            .expression_attribute_values(":next", number(stored.version as i64))
             .send()
             .await;
         match result {
