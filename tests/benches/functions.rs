@@ -9,6 +9,7 @@
 //! - the first invocation's latency, then warm p50/p99 over N invocations;
 //! - handler overhead: each invocation's latency minus the time some remote call was in
 //!   flight (p50), i.e. what the function itself costs;
+//! - CPU time per warm invocation (user + system, of the function's process);
 //! - peak RSS (`VmHWM`);
 //! - remote round trips of one warm request, and how many sequential waits they make
 //!   (requests in flight together count as one wait);
@@ -16,7 +17,7 @@
 
 use e2e::fault_proxy::{Exchange, FaultProxy};
 use e2e::lambda::{ApiRequest, LocalLambda, Outcome};
-use e2e::{claims, jwt_key, sign};
+use e2e::{claims, cpu_seconds, jwt_key, sign};
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use shared::{Connection, UserId};
@@ -104,6 +105,8 @@ struct Row {
     /// Init minus the time a remote call was in flight.
     init_own: Duration,
     samples: Vec<Sample>,
+    /// CPU time (user + system) the function's process spent per warm invocation.
+    cpu_per_warm: Duration,
     rss_kb: u64,
     /// How many answers had each status code (an error is reported, not hidden).
     statuses: BTreeMap<u64, usize>,
@@ -155,11 +158,22 @@ async fn measure(
     let (_, init_remote) = waits(&proxies.take());
     let mut samples = Vec::with_capacity(requests.len());
     let mut answers = Vec::with_capacity(requests.len());
-    for request in requests {
+    let mut warm_cpu_from = 0.0;
+    for (i, request) in requests.iter().enumerate() {
+        if i == 1 {
+            warm_cpu_from = lambda
+                .pid()
+                .map_or(0.0, |pid| cpu_seconds(&pid.to_string()));
+        }
         let (sample, answer) = invoke(&lambda, proxies, request).await;
         samples.push(sample);
         answers.push(answer);
     }
+    let warm_cpu = lambda
+        .pid()
+        .map_or(0.0, |pid| cpu_seconds(&pid.to_string()))
+        - warm_cpu_from;
+    let cpu_per_warm = Duration::from_secs_f64(warm_cpu / (requests.len() - 1).max(1) as f64);
     let rss_kb = lambda.pid().map(peak_rss_kb).unwrap_or(0);
     let mut statuses = BTreeMap::new();
     for answer in &answers {
@@ -173,6 +187,7 @@ async fn measure(
             init,
             init_own: init.saturating_sub(init_remote),
             samples,
+            cpu_per_warm,
             rss_kb,
             statuses,
         },
@@ -187,9 +202,9 @@ fn status_of(answer: &Value) -> u64 {
 fn print(rows: &[Row]) {
     let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
     println!(
-        "| function | init ms | init own ms | first ms | warm p50 ms | warm p99 ms | overhead p50 ms | peak RSS MB | round trips of a warm request | sequential waits | arm64 zip MB | answers |"
+        "| function | init ms | init own ms | first ms | warm p50 ms | warm p99 ms | overhead p50 ms | CPU per warm request ms | peak RSS MB | round trips of a warm request | sequential waits | arm64 zip MB | answers |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let first = row.samples[0].latency;
         let warm = &row.samples[1..];
@@ -219,7 +234,7 @@ fn print(rows: &[Row]) {
             .map(|(status, n)| format!("{n}× {status}"))
             .collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
             row.name,
             ms(row.init),
             ms(row.init_own),
@@ -227,6 +242,7 @@ fn print(rows: &[Row]) {
             ms(percentile(&mut latencies, 0.5)),
             ms(percentile(&mut latencies, 0.99)),
             ms(percentile(&mut overheads, 0.5)),
+            ms(row.cpu_per_warm),
             row.rss_kb as f64 / 1024.0,
             calls.join(", "),
             sequential,

@@ -8,6 +8,7 @@
 //!   and peak RSS. Concurrency comes from `REFRESH_CONCURRENCY`, as in the function.
 //! - `floor`      the emulators' own round-trip times, to read the figures against
 
+use e2e::cpu_seconds;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use shared::{
@@ -184,22 +185,6 @@ fn moto_pid() -> String {
         .expect("moto.pid")
         .trim()
         .to_owned()
-}
-
-/// User plus system CPU time of a process (`self` or a pid), from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at field 3; utime and
-    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// A `/proc/self/status` figure in kB.

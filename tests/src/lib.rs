@@ -374,3 +374,20 @@ pub async fn refresh_job() -> shared::refresh::Refresh {
     let klaviyo = env.klaviyo().await.expect("Klaviyo client");
     shared::refresh::Refresh::new(&env, klaviyo)
 }
+
+/// User plus system CPU time of a process (`self` or a pid), from `/proc/<pid>/stat`, for the
+/// benchmarks. Clock ticks are 10 ms: meaningful summed over many requests, not for one.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3; utime and
+    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
