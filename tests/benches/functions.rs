@@ -158,21 +158,17 @@ async fn measure(
     let (_, init_remote) = waits(&proxies.take());
     let mut samples = Vec::with_capacity(requests.len());
     let mut answers = Vec::with_capacity(requests.len());
-    let mut warm_cpu_from = 0.0;
-    for (i, request) in requests.iter().enumerate() {
-        if i == 1 {
-            warm_cpu_from = lambda
-                .pid()
-                .map_or(0.0, |pid| cpu_seconds(&pid.to_string()));
-        }
+    let pid = lambda.pid().map(|pid| pid.to_string());
+    let cpu = || pid.as_deref().map_or(0.0, cpu_seconds);
+    // The CPU clock starts once the first (cold) invocation has answered.
+    let mut warm_cpu_from = None;
+    for request in requests {
         let (sample, answer) = invoke(&lambda, proxies, request).await;
         samples.push(sample);
         answers.push(answer);
+        warm_cpu_from.get_or_insert_with(cpu);
     }
-    let warm_cpu = lambda
-        .pid()
-        .map_or(0.0, |pid| cpu_seconds(&pid.to_string()))
-        - warm_cpu_from;
+    let warm_cpu = cpu() - warm_cpu_from.unwrap_or_default();
     let cpu_per_warm = Duration::from_secs_f64(warm_cpu / (requests.len() - 1).max(1) as f64);
     let rss_kb = lambda.pid().map(peak_rss_kb).unwrap_or(0);
     let mut statuses = BTreeMap::new();
