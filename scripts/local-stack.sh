@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local stack of klaviyo-connect: local AWS (moto in server mode on loopback: DynamoDB,
-# KMS, Secrets Manager, provisioned from template.yaml) and the local Klaviyo sandbox.
+# KMS, Secrets Manager, provisioned from template.yaml, with IAM enforced: each function runs
+# as a user whose policy is its policy in template.yaml) and the local Klaviyo sandbox.
 #
 #   eval "$(scripts/local-stack.sh up)"   start (or reuse) the stack, print its environment
 #   scripts/local-stack.sh down           stop the servers this stack started
@@ -29,7 +30,7 @@ process_running() {
 }
 
 server_running() {
-  process_running moto moto_server
+  process_running moto moto_iam_server
 }
 
 stop_process() {
@@ -67,13 +68,17 @@ up() {
   local api_url="http://127.0.0.1:${LOCAL_API_PORT:-9000}"
   local frontend_port; frontend_port="${LOCAL_FRONTEND_PORT:-$(free_port)}"
   local endpoint="http://127.0.0.1:$port"
-  echo "Starting moto_server on $endpoint (log: $state/moto.log)" >&2
-  nohup "$root/.venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$state/moto.log" 2>&1 &
+  # IAM is enforced after the three calls that create provisioning's admin user; every later
+  # request is authorized the way AWS does it (scripts/moto_iam_server.py).
+  echo "Starting moto_server on $endpoint, IAM enforced (log: $state/moto.log)" >&2
+  INITIAL_NO_AUTH_ACTION_COUNT=3 MOTO_IAM_AUDIT_LOG="$state/iam-audit.jsonl" nohup "$python" "$root/scripts/moto_iam_server.py" -H 127.0.0.1 -p "$port" \
+    > "$state/moto.log" 2>&1 &
   echo $! > "$state/moto.pid"
-  wait_for moto moto_server "$endpoint/moto-api/"
+  wait_for moto moto_iam_server "$endpoint/moto-api/"
   "$python" "$root/scripts/provision.py" \
     --endpoint "$endpoint" \
     --template "$root/template.yaml" \
+    --state "$state" \
     --api-url "$api_url" \
     --frontend-url "http://127.0.0.1:$frontend_port" > "$state/env.sh.tmp"
 
@@ -107,7 +112,7 @@ EXPORTS
 down() {
   stop_process sandbox klaviyo-sandbox
   stop_process page serve_page
-  stop_process moto moto_server
+  stop_process moto moto_iam_server
   rm -rf "$state"
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# `make test`: formatting, lints, and every test, against a local stack of its own (moto, the
-# Klaviyo sandbox, the example settings page and `cargo lambda watch` on free loopback ports),
-# torn down even on failure: cargo tests, a bounded schemathesis run, and the settings-page
-# journey in Chromium. Exits non-zero if anything fails.
+# `make test`: formatting, lints, and every test, against a local stack of its own (moto with
+# IAM enforced from template.yaml, the Klaviyo sandbox, the example settings page and `cargo
+# lambda watch` on free loopback ports), torn down even on failure: cargo tests, a bounded
+# schemathesis run, the settings-page journey in Chromium, and the IAM audit (every granted
+# action used, none refused). Exits non-zero if anything fails.
 #
 #   scripts/test.sh           everything (`make test`), with a short schemathesis run
 #   scripts/test.sh --fuzz    only the stack and a long schemathesis run (`make fuzz`;
@@ -81,4 +82,7 @@ scripts/fuzz.sh 25 90
 
 step "The settings page in Chromium (playwright-core)"
 scripts/browser-test.sh
+
+step "IAM audit: each function used every action template.yaml grants it, and was refused none"
+.venv/bin/python scripts/iam_audit.py "$LOCAL_STACK_DIR/iam-audit.jsonl" --template template.yaml
 step "Disk after: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target $(du -sh target | cut -f1), .venv $(du -sh .venv | cut -f1)"

@@ -12,7 +12,7 @@ use crate::crypto::{CryptoError, Purpose, Sealer};
 use crate::http::{ApiError, FrontendRedirects, query_param, require_method};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
 use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
-use crate::revocation::Revoker;
+use crate::revocation::{INLINE_BUDGET, Revoker};
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
 use http::Method;
@@ -204,19 +204,22 @@ impl Callback {
             credentials: sealed,
             version: 0,
         };
-        let upserted = self.store.upsert_connection(&connection).await?;
-        if let Some(previous) = upserted.previous {
-            self.revoker.revoke_replaced(&previous).await;
-        }
-        Ok(upserted.connection)
+        // A reconnect replaces the old tokens and queues the old refresh token's revocation
+        // in one transaction.
+        Ok(self.revoker.replace(&connection).await?)
     }
 
-    /// Best effort: the flow failed after Klaviyo issued tokens.
+    /// The flow failed after Klaviyo issued tokens that nothing stores: revoke them now,
+    /// within the inline budget (there is no connection to queue them on).
     async fn revoke_abandoned(&self, tokens: &TokenSet) {
         if let Some(token) = &tokens.refresh_token {
-            if let Err(e) = self.revoker.revoke_now(token).await {
-                tracing::warn!(event = "revocation_failed", reason = %e, "could not revoke tokens of a failed connection");
-            }
+            let revoked = tokio::time::timeout(INLINE_BUDGET, self.revoker.revoke_now(token)).await;
+            let reason = match revoked {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the inline budget ran out".to_owned(),
+            };
+            tracing::warn!(event = "revocation_failed", reason = %reason, "could not revoke tokens of a failed connection");
         }
     }
 }

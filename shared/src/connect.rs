@@ -14,7 +14,7 @@ use crate::model::{
 use crate::rate_limit::{Admission, RateLimit, RateWindow};
 use crate::revocation::Revoker;
 use crate::secret::Secret;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
 use serde::{Deserialize, Serialize};
@@ -111,8 +111,8 @@ impl Connect {
     }
 
     /// Validates a private API key against Klaviyo, then seals and stores it on the
-    /// connection for that Klaviyo account (replacing OAuth tokens there, which are revoked
-    /// first).
+    /// connection for that Klaviyo account (replacing OAuth tokens there, whose refresh token
+    /// is queued for revocation in the same write and then revoked).
     async fn connect_api_key(
         &self,
         user: UserId,
@@ -144,15 +144,6 @@ impl Connect {
         let account = account.map_err(key_validation_error)?;
         let key = key.map_err(|e| unavailable("kms", &e))?;
         let id = Connection::id_for(&user, &account.id);
-        let existing = self.store.get_connection(&user, &id).await;
-        let existing = match existing {
-            Ok(connection) => Some(connection),
-            Err(StoreError::NotFound) => None,
-            Err(e) => return Err(unavailable("dynamodb", &e)),
-        };
-        if let Some(existing) = &existing {
-            self.revoker.revoke_replaced(existing).await;
-        }
         let sealed = Credentials::ApiKey(body.api_key)
             .seal(&key, user.as_str(), &id)
             .map_err(|e| unavailable("sealing", &e))?;
@@ -176,18 +167,12 @@ impl Connect {
             credentials: sealed,
             version: 0,
         };
-        let upserted = self
-            .store
-            .upsert_connection(&connection)
-            .await
-            .map_err(|e| unavailable("dynamodb", &e))?;
-        // An OAuth reconnect that landed between the read and the write is replaced too.
-        if let Some(previous) = &upserted.previous {
-            if existing.as_ref().map(|e| e.version) != Some(previous.version) {
-                self.revoker.revoke_replaced(previous).await;
-            }
-        }
-        let stored = upserted.connection;
+        // OAuth tokens this replaces are queued for revocation in the same transaction that
+        // stores the key, and revoked only once it is stored.
+        let stored = match self.revoker.replace(&connection).await {
+            Ok(stored) => stored,
+            Err(e) => return Err(unavailable("dynamodb", &e)),
+        };
         tracing::info!(
             event = "klaviyo_connected",
             auth_type = "api_key",

@@ -204,16 +204,26 @@ fn log_failure(error: &impl fmt::Display) {
     tracing::error!(error = %error, "start-up failed");
 }
 
+/// Longest wait to connect to an AWS endpoint.
+pub const AWS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for one attempt of an AWS call (DynamoDB and KMS answer in milliseconds).
+pub const AWS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest an AWS call may take, retries included: the figure every time budget counts
+/// (`crate::budget`).
+pub const AWS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Attempts of one AWS call (throttling, 5xx, timeouts), within `AWS_CALL_TIMEOUT`.
+pub const AWS_ATTEMPTS: u32 = 3;
+
 /// Bounded waits on AWS so a slow dependency turns into a clear 503, not a Lambda timeout.
 async fn load_aws() -> SdkConfig {
     let timeouts = TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .operation_attempt_timeout(Duration::from_secs(3))
-        .operation_timeout(Duration::from_secs(8))
+        .connect_timeout(AWS_CONNECT_TIMEOUT)
+        .operation_attempt_timeout(AWS_ATTEMPT_TIMEOUT)
+        .operation_timeout(AWS_CALL_TIMEOUT)
         .build();
     aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(timeouts)
-        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .retry_config(RetryConfig::standard().with_max_attempts(AWS_ATTEMPTS))
         .load()
         .await
 }

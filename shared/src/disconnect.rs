@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 pub const ROUTE_PREFIX: &str = "/api/oauth/accounts/";
 /// How often the read-then-write is retried when the connection changes in between (a
 /// refresh writing new tokens).
-const ATTEMPTS: u32 = 3;
+pub const ATTEMPTS: u32 = 3;
 
 const NOT_FOUND: ApiError = ApiError::NotFound("Account not found.");
 

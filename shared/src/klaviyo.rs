@@ -26,7 +26,9 @@ use time::OffsetDateTime;
 /// Bytes of randomness in `state` and in the PKCE verifier (43 base64url characters each).
 const RANDOM_BYTES: u32 = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(6);
+/// Longest one call to Klaviyo may take (connect included); calls are not retried inside a
+/// request, except revocations (`crate::revocation`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A revocation is tiny; a short timeout leaves room to retry one inside a request.
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest response body read from Klaviyo; real ones are a few KB.

@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod budget;
 pub mod callback;
 pub mod config;
 pub mod connect;

@@ -18,7 +18,9 @@ use crate::auth::UserId;
 use crate::context::{Environment, InitError};
 use crate::crypto::{CryptoError, DataKey, Sealer};
 use crate::klaviyo::{Klaviyo, KlaviyoError, TokenSet};
-use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
+use crate::model::{
+    AuthType, Connection, ConnectionStatus, Credentials, PendingRevocation, REFRESH_LEAD,
+};
 use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::{ConnectionKey, DUE_BUCKETS, Store, StoreError};
@@ -36,8 +38,9 @@ pub const LEASE: time::Duration = time::Duration::seconds(60);
 /// page of 1,000 is about 100 KB in memory and one round trip; fewer, larger pages also
 /// spare emulators that sort the whole table for every Query.
 const PAGE_SIZE: i32 = 1000;
-/// Stop taking new work this long before the Lambda deadline.
-const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+/// Stop taking new work this long before the Lambda deadline: longer than the worst case of
+/// the one item a worker may have in flight (`crate::budget`).
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(60);
 /// Budget when the invoker gives no deadline.
 const DEFAULT_BUDGET: Duration = Duration::from_secs(240);
 /// Pending revocations attempted per run.
@@ -45,6 +48,9 @@ const REVOCATIONS_PER_RUN: usize = 500;
 /// Transient-failure backoff: 1 min, 2 min, 4 min … capped at 30 min.
 const BACKOFF_BASE_SECS: i64 = 60;
 const BACKOFF_MAX_SECS: i64 = 30 * 60;
+/// Attempts to store a refresh result (each one AWS call), and the pause between them.
+pub const WRITE_ATTEMPTS: u32 = 3;
+const WRITE_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Never schedule the next refresh sooner than this (tokens with a very short life).
 const MIN_REFRESH_INTERVAL: time::Duration = time::Duration::seconds(60);
 
@@ -55,10 +61,29 @@ pub struct RunSummary {
     pub refreshed: u64,
     pub needs_reauth: u64,
     pub failed: u64,
+    /// Results that could not be stored; any makes the run count as failed.
+    pub write_failures: u64,
     pub skipped_locked: u64,
     pub revocations_finished: u64,
     pub duration_ms: u64,
 }
+
+impl RunSummary {
+    /// A run that could not store some of its results failed: the invocation reports an
+    /// error (Lambda's Errors metric, the failure destination), not just a log line.
+    pub fn into_result(self) -> Result<Self, RunFailed> {
+        if self.write_failures > 0 {
+            Err(RunFailed(self))
+        } else {
+            Ok(self)
+        }
+    }
+}
+
+/// A run whose results could not all be stored.
+#[derive(Debug, thiserror::Error)]
+#[error("{failures} refresh results could not be stored: {summary:?}", failures = .0.write_failures, summary = .0)]
+pub struct RunFailed(pub RunSummary);
 
 /// The outcome of one connection's refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,10 +92,17 @@ pub enum Outcome {
     NeedsReauth,
     /// Transient trouble: tokens kept, retried later.
     Failed,
+    /// The result could not be written (DynamoDB refused or failed): the run fails.
+    WriteFailed,
     /// Another worker holds the lease (or the connection stopped being eligible).
     SkippedLocked,
     /// Already refreshed by someone else, reconnected or disconnected meanwhile.
     Skipped,
+}
+
+/// Who must still hold the lease for a refresh result to be written.
+struct Fence<'a> {
+    owner: &'a str,
 }
 
 /// Refreshes one connection under its lease. Shared by the job and `AccessTokens`.
@@ -111,43 +143,57 @@ impl Refresher {
             let _ = self.store.release_refresh_lease(key, owner).await;
             return Outcome::Skipped;
         }
-        self.refresh_leased(connection, now).await.0
+        self.refresh_leased(connection, now, owner).await.0
     }
 
-    /// Refreshes a connection whose lease the caller holds. Every path writes the
-    /// connection (which releases the lease) or leaves the lease to expire.
+    /// Refreshes a connection whose lease `owner` holds. Every path writes the connection
+    /// (which releases the lease) or leaves the lease to expire. Every write is fenced by the
+    /// lease: it lands only while `owner` still holds an unexpired lease and the version is
+    /// the one read, so a worker that outlived its lease cannot overwrite a newer result.
+    /// Worst case (`crate::budget`): well inside the lease.
     pub async fn refresh_leased(
         &self,
         connection: Connection,
         now: OffsetDateTime,
+        owner: &str,
     ) -> (Outcome, Option<Secret>) {
+        let fence = Fence { owner };
         // One KMS call: the data key that opens the tokens also seals their successors.
         let (credentials, key) = match Credentials::open_with_key(&self.sealer, &connection).await {
             Ok(opened) => opened,
             Err(CryptoError::Unavailable(e)) => {
-                return (self.back_off(&connection, now, None, &e).await, None);
+                return (
+                    self.back_off(&connection, now, None, &e, &fence).await,
+                    None,
+                );
             }
-            Err(e) => return (self.needs_reauth(&connection, &e.to_string()).await, None),
+            Err(e) => {
+                return (
+                    self.needs_reauth(&connection, &e.to_string(), &fence).await,
+                    None,
+                );
+            }
         };
         let Some(refresh_token) = credentials.refresh_token() else {
             return (
-                self.needs_reauth(&connection, "no refresh token").await,
+                self.needs_reauth(&connection, "no refresh token", &fence)
+                    .await,
                 None,
             );
         };
         match self.klaviyo.refresh(refresh_token).await {
             Ok(tokens) => {
-                self.store_refreshed(&connection, refresh_token, tokens, &key, now)
+                self.store_refreshed(&connection, refresh_token, tokens, &key, now, &fence)
                     .await
             }
-            Err(e) if e.is_invalid_grant() => (self.invalid_grant(&connection).await, None),
+            Err(e) if e.is_invalid_grant() => (self.invalid_grant(&connection, &fence).await, None),
             Err(e) => {
                 let retry_after = match &e {
                     KlaviyoError::RateLimited { retry_after } => *retry_after,
                     _ => None,
                 };
                 (
-                    self.back_off(&connection, now, retry_after, &e.to_string())
+                    self.back_off(&connection, now, retry_after, &e.to_string(), &fence)
                         .await,
                     None,
                 )
@@ -162,8 +208,12 @@ impl Refresher {
         tokens: TokenSet,
         key: &DataKey,
         now: OffsetDateTime,
+        fence: &Fence<'_>,
     ) -> (Outcome, Option<Secret>) {
-        let rotated = tokens.refresh_token.is_some();
+        let rotated = tokens
+            .refresh_token
+            .as_ref()
+            .is_some_and(|t| t.expose() != old_refresh_token.expose());
         let credentials = Credentials::OAuth {
             access_token: tokens.access_token.clone(),
             refresh_token: tokens
@@ -175,7 +225,12 @@ impl Refresher {
         updated.credentials =
             match credentials.seal(key, connection.user_id.as_str(), &connection.id) {
                 Ok(sealed) => sealed,
-                Err(e) => return (self.needs_reauth(connection, &e.to_string()).await, None),
+                Err(e) => {
+                    return (
+                        self.needs_reauth(connection, &e.to_string(), fence).await,
+                        None,
+                    );
+                }
             };
         updated.access_token_expires_at = Some(tokens.expires_at);
         updated.refresh_due_at =
@@ -186,43 +241,106 @@ impl Refresher {
         if let Some(scopes) = tokens.scopes {
             updated.scopes = scopes;
         }
-        match self
-            .store
-            .update_connection_if_version(&updated, connection.version)
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed");
-                (Outcome::Refreshed, Some(tokens.access_token))
-            }
-            Err(StoreError::Conflict) => {
-                // Reconnected or disconnected meanwhile: these tokens belong to nobody.
-                if let Some(orphan) = tokens.refresh_token.filter(|_| rotated) {
-                    if let Err(e) = self.klaviyo.revoke(&orphan).await {
-                        tracing::warn!(event = "revocation_failed", connection_id = %connection.id, reason = %e, "could not revoke tokens of a connection changed during refresh");
-                    }
+        let mut attempt = 1;
+        let failure = loop {
+            match self.write_tokens(&updated, connection.version, fence).await {
+                Ok(()) => {
+                    tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed");
+                    return (Outcome::Refreshed, Some(tokens.access_token));
                 }
-                (Outcome::Skipped, None)
+                // Reconnected, disconnected or the lease lost meanwhile: these tokens belong
+                // to nobody.
+                Err(StoreError::Conflict) | Err(StoreError::NotFound) => break None,
+                Err(e) if attempt < WRITE_ATTEMPTS => {
+                    tracing::warn!(connection_id = %connection.id, attempt, error = %e, "could not store refreshed tokens; retrying");
+                    tokio::time::sleep(WRITE_RETRY_PAUSE).await;
+                    attempt += 1;
+                }
+                Err(e) => break Some(e),
             }
-            Err(e) => {
-                tracing::error!(
-                    event = "refresh_write_failed",
-                    connection_id = %connection.id,
-                    rotated,
-                    error = %e,
-                    "refreshed tokens could not be stored"
-                );
-                (Outcome::Failed, None)
+        };
+        if let Some(e) = &failure {
+            // Logged at error level: the alarm on refresh write failures counts these.
+            tracing::error!(
+                event = "refresh_write_failed",
+                connection_id = %connection.id,
+                rotated,
+                error = %e,
+                "refreshed tokens could not be stored"
+            );
+        }
+        if let Some(token) = tokens.refresh_token.as_ref().filter(|_| rotated) {
+            // Klaviyo has rotated the token: the new refresh token is live and stored nowhere.
+            self.abandon(&updated, token).await;
+        }
+        match failure {
+            Some(_) => (Outcome::WriteFailed, None),
+            None => (Outcome::Skipped, None),
+        }
+    }
+
+    /// The one write of a refresh result: the whole connection, fenced by the lease.
+    async fn write(
+        &self,
+        updated: &Connection,
+        expected_version: u64,
+        fence: &Fence<'_>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .update_leased_connection(
+                updated,
+                expected_version,
+                fence.owner,
+                OffsetDateTime::now_utc(),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes new tokens. A conflict may be this very write, applied by an attempt whose
+    /// answer was lost and met by the SDK's retry: the stored blob is then the one just sealed
+    /// (a fresh nonce makes every sealed blob unique), and the tokens are stored after all.
+    async fn write_tokens(
+        &self,
+        updated: &Connection,
+        expected_version: u64,
+        fence: &Fence<'_>,
+    ) -> Result<(), StoreError> {
+        match self.write(updated, expected_version, fence).await {
+            Err(StoreError::Conflict) => {
+                match self
+                    .store
+                    .get_connection(&updated.user_id, &updated.id)
+                    .await
+                {
+                    Ok(current) if current.credentials == updated.credentials => Ok(()),
+                    Ok(_) | Err(StoreError::NotFound) => Err(StoreError::Conflict),
+                    Err(e) => Err(e),
+                }
             }
+            other => other,
+        }
+    }
+
+    /// Tokens Klaviyo issued that could not be stored are queued for revocation (the job
+    /// revokes them), or, if even that write fails, revoked at once; never left live.
+    async fn abandon(&self, unstored: &Connection, refresh_token: &Secret) {
+        let pending = PendingRevocation::for_connection(unstored, OffsetDateTime::now_utc());
+        let Err(e) = self.store.put_pending_revocation(&pending).await else {
+            tracing::warn!(event = "refresh_result_abandoned", connection_id = %unstored.id, pending_revocation_id = %pending.id, "unstored refresh token queued for revocation");
+            return;
+        };
+        if let Err(reason) = self.klaviyo.revoke(refresh_token).await {
+            tracing::error!(event = "revocation_lost", connection_id = %unstored.id, error = %e, reason = %reason, "a refresh token that could not be stored could neither be queued nor revoked");
         }
     }
 
     /// The refresh token was refused. Before giving up, re-read the stored connection: a
     /// concurrent rotation or reconnect may have replaced the token we used.
-    async fn invalid_grant(&self, used: &Connection) -> Outcome {
+    async fn invalid_grant(&self, used: &Connection, fence: &Fence<'_>) -> Outcome {
         match self.store.get_connection(&used.user_id, &used.id).await {
             Ok(current) if current.version != used.version => Outcome::Skipped,
-            Ok(current) => self.needs_reauth(&current, "invalid_grant").await,
+            Ok(current) => self.needs_reauth(&current, "invalid_grant", fence).await,
             Err(StoreError::NotFound) => Outcome::Skipped,
             Err(e) => {
                 tracing::warn!(error = %e, "could not re-read a connection after invalid_grant");
@@ -232,17 +350,18 @@ impl Refresher {
     }
 
     /// Off the refresh schedule until the user reconnects; Klaviyo is not called again.
-    async fn needs_reauth(&self, connection: &Connection, reason: &str) -> Outcome {
+    async fn needs_reauth(
+        &self,
+        connection: &Connection,
+        reason: &str,
+        fence: &Fence<'_>,
+    ) -> Outcome {
         let mut updated = connection.clone();
         updated.status = ConnectionStatus::NeedsReauth;
         updated.refresh_due_at = None;
         updated.updated_at = OffsetDateTime::now_utc();
-        match self
-            .store
-            .update_connection_if_version(&updated, connection.version)
-            .await
-        {
-            Ok(_) => {
+        match self.write(&updated, connection.version, fence).await {
+            Ok(()) => {
                 tracing::warn!(
                     event = "refresh_invalid_grant",
                     user_id = %connection.user_id,
@@ -255,8 +374,8 @@ impl Refresher {
             }
             Err(StoreError::Conflict) | Err(StoreError::NotFound) => Outcome::Skipped,
             Err(e) => {
-                tracing::warn!(error = %e, "could not mark a connection needs_reauth");
-                Outcome::Failed
+                tracing::error!(event = "refresh_write_failed", connection_id = %connection.id, error = %e, "could not mark a connection needs_reauth");
+                Outcome::WriteFailed
             }
         }
     }
@@ -268,6 +387,7 @@ impl Refresher {
         now: OffsetDateTime,
         retry_after: Option<Duration>,
         reason: &str,
+        fence: &Fence<'_>,
     ) -> Outcome {
         let failures = connection.refresh_failures.saturating_add(1);
         let delay_secs = match retry_after {
@@ -285,15 +405,14 @@ impl Refresher {
             reason,
             "refresh failed; tokens kept, retrying later"
         );
-        if let Err(e) = self
-            .store
-            .update_connection_if_version(&updated, connection.version)
-            .await
-        {
-            // The lease expires on its own; the connection stays due and is retried.
-            tracing::warn!(error = %e, "could not record the refresh backoff");
+        match self.write(&updated, connection.version, fence).await {
+            Ok(()) | Err(StoreError::Conflict) | Err(StoreError::NotFound) => Outcome::Failed,
+            Err(e) => {
+                // The lease expires on its own; the connection stays due and is retried.
+                tracing::error!(event = "refresh_write_failed", connection_id = %connection.id, error = %e, "could not record the refresh backoff");
+                Outcome::WriteFailed
+            }
         }
-        Outcome::Failed
     }
 }
 
@@ -393,6 +512,7 @@ impl Refresh {
                         Outcome::Refreshed => s.refreshed += 1,
                         Outcome::NeedsReauth => s.needs_reauth += 1,
                         Outcome::Failed => s.failed += 1,
+                        Outcome::WriteFailed => s.write_failures += 1,
                         Outcome::SkippedLocked => s.skipped_locked += 1,
                         Outcome::Skipped => {}
                     }
@@ -404,7 +524,7 @@ impl Refresh {
         if Instant::now() < stop_at {
             match self
                 .revoker
-                .finish_due(OffsetDateTime::now_utc(), REVOCATIONS_PER_RUN)
+                .finish_due(OffsetDateTime::now_utc(), REVOCATIONS_PER_RUN, stop_at)
                 .await
             {
                 Ok(revocations) => {
@@ -420,6 +540,7 @@ impl Refresh {
             refreshed = summary.refreshed,
             needs_reauth = summary.needs_reauth,
             failed = summary.failed,
+            write_failures = summary.write_failures,
             skipped_locked = summary.skipped_locked,
             revocations_finished = summary.revocations_finished,
             duration_ms = summary.duration_ms,
@@ -520,17 +641,19 @@ impl AccessTokens {
                 .await
             {
                 Ok(leased) if leased.version == connection.version => {
-                    match self.refresher.refresh_leased(leased, now).await {
+                    match self.refresher.refresh_leased(leased, now, &owner).await {
                         (Outcome::Refreshed, Some(token)) => {
                             return Ok(KlaviyoCredential::AccessToken(token));
                         }
                         (Outcome::NeedsReauth, _) => return Err(AccessTokenError::NeedsReauth),
                         // Klaviyo is having trouble: the current token still works until it
                         // actually expires.
-                        (Outcome::Failed, _) if expires_after(time::Duration::ZERO) => {
+                        (Outcome::Failed | Outcome::WriteFailed, _)
+                            if expires_after(time::Duration::ZERO) =>
+                        {
                             return self.stored(&connection).await;
                         }
-                        (Outcome::Failed, _) => {
+                        (Outcome::Failed | Outcome::WriteFailed, _) => {
                             return Err(AccessTokenError::Unavailable(
                                 "Klaviyo refresh failed".into(),
                             ));

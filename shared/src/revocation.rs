@@ -1,18 +1,29 @@
-//! Revoking refresh tokens at Klaviyo: now, with a few quick retries inside the request, or
-//! later, through a `PendingRevocation` the refresh job finishes. A token that leaves a
-//! connection (disconnect, reconnect, switch to an API key) is never just dropped.
+//! Revoking refresh tokens at Klaviyo. A token that leaves a connection (disconnect,
+//! reconnect, switch to an API key, a refresh whose result could not be stored) is first
+//! queued as a `PendingRevocation`, in the same transaction that removes it from its
+//! connection; then it is revoked inline within a small budget, and the queue item deleted.
+//! Whatever the inline attempt does not finish (Klaviyo down, the Lambda ending), the refresh
+//! job does. So a token is never just dropped.
 
 use crate::crypto::Sealer;
 use crate::klaviyo::{Klaviyo, KlaviyoError, REVOKE_TIMEOUT};
-use crate::model::{AuthType, Connection, Credentials, PendingRevocation};
+use crate::model::{AuthType, Connection, PendingRevocation};
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
+use futures::StreamExt;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 /// Attempts inside one request, and the time they may take together.
 const ATTEMPTS_IN_REQUEST: u32 = 3;
 const REQUEST_BUDGET: Duration = Duration::from_secs(5);
+/// The whole inline step after a queued revocation (open the token, revoke it, delete the
+/// queue item) stops after this long; the refresh job finishes what it did not.
+pub const INLINE_BUDGET: Duration = REQUEST_BUDGET;
+/// Reads and writes of a replacement when the connection changes in between (a refresh).
+pub const REPLACE_ATTEMPTS: u32 = 2;
+/// Pending revocations the refresh job works on at once.
+pub const JOB_CONCURRENCY: usize = 8;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Retry schedule of the refresh job: 1 min, 2 min, 4 min … capped at 6 hours.
 const JOB_BACKOFF_BASE_SECS: i64 = 60;
@@ -83,97 +94,154 @@ impl Revoker {
         }
     }
 
-    /// The OAuth tokens of `previous` were replaced (reconnect, switch to an API key):
-    /// revoke the old refresh token now, or queue it.
-    pub async fn revoke_replaced(&self, previous: &Connection) -> Revocation {
-        if previous.auth_type != AuthType::OAuth {
-            return Revocation::Nothing;
-        }
-        let outcome = match Credentials::open(&self.sealer, previous).await {
-            Ok(credentials) => match credentials.refresh_token() {
-                Some(token) => self.revoke_now(token).await.map_err(|e| e.to_string()),
-                None => return Revocation::Nothing,
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        match outcome {
-            Ok(()) => Revocation::Revoked,
-            Err(reason) => {
-                let pending =
-                    PendingRevocation::for_connection(previous, OffsetDateTime::now_utc());
-                log_deferred(&pending, &reason);
-                match self.store.put_pending_revocation(&pending).await {
-                    Ok(()) => Revocation::Deferred,
-                    Err(e) => {
-                        tracing::error!(
-                            event = "revocation_lost",
-                            connection_id = %previous.id,
-                            error = %e,
-                            "could not revoke a replaced refresh token nor queue its revocation"
-                        );
-                        Revocation::Nothing
+    /// Stores `connection` in place of whatever is stored under its id (reconnect, switch to
+    /// an API key), queueing the replaced OAuth refresh token's revocation in the same
+    /// transaction, then revokes it inline (`INLINE_BUDGET`). Re-reads and retries when the
+    /// connection changes in between (`REPLACE_ATTEMPTS`).
+    pub async fn replace(&self, connection: &Connection) -> Result<Connection, StoreError> {
+        for _ in 0..REPLACE_ATTEMPTS {
+            let previous = match self
+                .store
+                .get_connection(&connection.user_id, &connection.id)
+                .await
+            {
+                Ok(previous) => Some(previous),
+                Err(StoreError::NotFound) => None,
+                Err(e) => return Err(e),
+            };
+            let revocation = previous
+                .as_ref()
+                .filter(|p| p.auth_type == AuthType::OAuth)
+                .map(|p| PendingRevocation::for_connection(p, OffsetDateTime::now_utc()));
+            match self
+                .store
+                .replace_connection(connection, previous.as_ref(), revocation.as_ref())
+                .await
+            {
+                Ok(stored) => {
+                    if let Some(revocation) = &revocation {
+                        self.finish_replaced(revocation).await;
                     }
+                    return Ok(stored);
                 }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Revokes a queued token that is only in the queue item (a replaced connection's), within
+    /// `INLINE_BUDGET`: opens it, revokes it and deletes the queue item.
+    pub async fn finish_replaced(&self, pending: &PendingRevocation) -> Revocation {
+        let attempt = async {
+            let credentials = pending
+                .open(&self.sealer)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(token) = credentials.refresh_token() {
+                self.revoke_now(token).await.map_err(|e| e.to_string())?;
+            }
+            self.forget(pending).await;
+            Ok::<_, String>(Revocation::Revoked)
+        };
+        match tokio::time::timeout(INLINE_BUDGET, attempt).await {
+            Ok(Ok(revocation)) => revocation,
+            Ok(Err(reason)) => {
+                log_deferred(pending, &reason);
+                Revocation::Deferred
+            }
+            Err(_) => {
+                log_deferred(pending, "the inline budget ran out");
+                Revocation::Deferred
             }
         }
     }
 
     /// Finishes a queued revocation whose token is at hand (disconnect): on success the
     /// queue item, the last copy of the token, is deleted; otherwise it stays for the job.
+    /// Bounded by `INLINE_BUDGET`.
     pub async fn finish_queued(&self, pending: &PendingRevocation, token: &Secret) -> Revocation {
-        match self.revoke_now(token).await {
-            Ok(()) => {
-                self.forget(pending).await;
-                Revocation::Revoked
-            }
-            Err(e) => {
+        let attempt = async {
+            self.revoke_now(token).await?;
+            self.forget(pending).await;
+            Ok::<_, KlaviyoError>(())
+        };
+        match tokio::time::timeout(INLINE_BUDGET, attempt).await {
+            Ok(Ok(())) => Revocation::Revoked,
+            Ok(Err(e)) => {
                 log_deferred(pending, &e.to_string());
+                Revocation::Deferred
+            }
+            Err(_) => {
+                log_deferred(pending, "the inline budget ran out");
                 Revocation::Deferred
             }
         }
     }
 
-    /// The refresh job's step: try every due pending revocation once.
+    /// The refresh job's step: try due pending revocations once each, `JOB_CONCURRENCY` at a
+    /// time, starting none after `stop_at`.
     pub async fn finish_due(
         &self,
         now: OffsetDateTime,
         limit: usize,
+        stop_at: Instant,
     ) -> Result<PendingSummary, StoreError> {
+        let due = self.store.due_pending_revocations(now, limit).await?;
+        let outcomes: Vec<Finished> = futures::stream::iter(due)
+            .take_while(|_| std::future::ready(Instant::now() < stop_at))
+            .map(|pending| self.finish_one(pending, now))
+            .buffer_unordered(JOB_CONCURRENCY)
+            .collect()
+            .await;
         let mut summary = PendingSummary::default();
-        for pending in self.store.due_pending_revocations(now, limit).await? {
-            if pending.expires_at <= now {
-                // Unused for 90 days: Klaviyo has expired the token itself.
-                self.forget(&pending).await;
-                summary.expired += 1;
-                continue;
-            }
-            let result = match pending.open(&self.sealer).await {
-                Ok(credentials) => match credentials.refresh_token() {
-                    Some(token) => self.klaviyo.revoke(token).await.map_err(|e| e.to_string()),
-                    None => Ok(()),
-                },
-                Err(e) => Err(e.to_string()),
-            };
-            match result {
-                Ok(()) => {
-                    self.forget(&pending).await;
-                    tracing::info!(event = "revocation_finished", connection_id = %pending.connection_id, attempts = pending.attempts + 1, "pending revocation finished");
-                    summary.finished += 1;
-                }
-                Err(reason) => {
-                    let mut next = pending.clone();
-                    next.attempts += 1;
-                    next.due_at = now + time::Duration::seconds(job_backoff_secs(next.attempts));
-                    log_deferred(&next, &reason);
-                    match self.store.reschedule_pending_revocation(&next).await {
-                        Ok(()) | Err(StoreError::NotFound) => {}
-                        Err(e) => return Err(e),
-                    }
-                    summary.deferred += 1;
-                }
+        for outcome in outcomes {
+            match outcome {
+                Finished::Revoked => summary.finished += 1,
+                Finished::Expired => summary.expired += 1,
+                Finished::Deferred => summary.deferred += 1,
             }
         }
         Ok(summary)
+    }
+
+    /// One queued revocation: at most one KMS call, one Klaviyo call (`REVOKE_TIMEOUT`) and
+    /// one write.
+    async fn finish_one(&self, pending: PendingRevocation, now: OffsetDateTime) -> Finished {
+        if pending.expires_at <= now {
+            // Unused for 90 days: Klaviyo has expired the token itself.
+            self.forget(&pending).await;
+            return Finished::Expired;
+        }
+        let result = match pending.open(&self.sealer).await {
+            Ok(credentials) => match credentials.refresh_token() {
+                Some(token) => self.klaviyo.revoke(token).await.map_err(|e| e.to_string()),
+                None => Ok(()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                self.forget(&pending).await;
+                tracing::info!(event = "revocation_finished", connection_id = %pending.connection_id, attempts = pending.attempts + 1, "pending revocation finished");
+                Finished::Revoked
+            }
+            Err(reason) => {
+                let mut next = pending.clone();
+                next.attempts += 1;
+                next.due_at = now + time::Duration::seconds(job_backoff_secs(next.attempts));
+                log_deferred(&next, &reason);
+                match self.store.reschedule_pending_revocation(&next).await {
+                    Ok(()) | Err(StoreError::NotFound) => {}
+                    // It stays due and is tried again on the next run.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not reschedule a pending revocation")
+                    }
+                }
+                Finished::Deferred
+            }
+        }
     }
 
     async fn forget(&self, pending: &PendingRevocation) {
@@ -183,6 +251,12 @@ impl Revoker {
             tracing::warn!(event = "revocation_cleanup_failed", id = %pending.id, error = %e, "could not delete a finished pending revocation");
         }
     }
+}
+
+enum Finished {
+    Revoked,
+    Expired,
+    Deferred,
 }
 
 fn job_backoff_secs(attempts: u32) -> i64 {

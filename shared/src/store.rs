@@ -342,6 +342,69 @@ impl Store {
         })
     }
 
+    /// Stores `connection` in place of `previous` (as a new connection when `previous` is
+    /// `None`), and in the same transaction queues `revocation`, the replaced refresh token's,
+    /// so no crash can leave a token that left its connection live and forgotten.
+    /// `connected_at` is kept from `previous` and the version becomes `previous.version + 1`.
+    /// `Conflict` when the stored connection is no longer `previous`.
+    pub async fn replace_connection(
+        &self,
+        connection: &Connection,
+        previous: Option<&Connection>,
+        revocation: Option<&PendingRevocation>,
+    ) -> Result<Connection, StoreError> {
+        let mut stored = connection.clone();
+        stored.version = previous.map_or(1, |p| p.version + 1);
+        if let Some(previous) = previous {
+            stored.connected_at = previous.connected_at;
+        }
+        let mut put = Put::builder().table_name(&self.table).set_item(Some(
+            to_item(ConnectionRecord::from(&stored)).map_err(corrupt)?,
+        ));
+        put = match previous {
+            Some(previous) => put
+                .condition_expression("version = :v")
+                .expression_attribute_values(":v", number(previous.version as i64)),
+            None => put.condition_expression("attribute_not_exists(pk)"),
+        };
+        let mut transaction = self.client.transact_write_items().transact_items(
+            TransactWriteItem::builder()
+                .put(put.build().map_err(corrupt)?)
+                .build(),
+        );
+        if let Some(revocation) = revocation {
+            let queue = Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(
+                    to_item(RevocationRecord::from(revocation)).map_err(corrupt)?,
+                ))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(corrupt)?;
+            transaction =
+                transaction.transact_items(TransactWriteItem::builder().put(queue).build());
+        }
+        let result = transaction.send().await;
+        let Err(error) = result else {
+            return Ok(stored);
+        };
+        match failed_conditions(&error) {
+            // The revocation id is random: only this request can have written it, so an
+            // attempt whose answer was lost landed and the SDK's retry met it.
+            Some(failed) if failed.get(1) == Some(&true) => Ok(stored),
+            Some(failed) if failed.first() == Some(&true) => {
+                // Ours too if the stored credentials are the ones just sealed (a fresh nonce
+                // makes every sealed blob unique).
+                match self.get_connection(&stored.user_id, &stored.id).await {
+                    Ok(current) if current.credentials == stored.credentials => Ok(current),
+                    _ => Err(StoreError::Conflict),
+                }
+            }
+            Some(_) => Err(StoreError::Conflict),
+            None => Err(error.into()),
+        }
+    }
+
     /// Writes `connection` only if the stored version is still `expected_version` (and the
     /// connection still exists); the stored version becomes `expected_version + 1`.
     ///
@@ -364,6 +427,39 @@ impl Store {
             .set_item(Some(item))
             .condition_expression("attribute_exists(pk) AND version = :expected")
             .expression_attribute_values(":expected", number(expected_version as i64))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(stored),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::Conflict),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes a refresh result: like `update_connection_if_version`, and only while `owner`
+    /// still holds an unexpired refresh lease on the connection (the write releases it).
+    pub async fn update_leased_connection(
+        &self,
+        connection: &Connection,
+        expected_version: u64,
+        owner: &str,
+        now: OffsetDateTime,
+    ) -> Result<Connection, StoreError> {
+        let mut stored = connection.clone();
+        stored.version = expected_version + 1;
+        let item = to_item(ConnectionRecord::from(&stored)).map_err(corrupt)?;
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(
+                "attribute_exists(pk) AND version = :expected \
+                 AND lease_owner = :owner AND lease_until > :now",
+            )
+            .expression_attribute_values(":expected", number(expected_version as i64))
+            .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+            .expression_attribute_values(":now", number(now.unix_timestamp()))
             .send()
             .await;
         match result {

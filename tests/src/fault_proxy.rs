@@ -241,7 +241,8 @@ async fn pass_on(shared: &Shared, request: Request) -> Response {
         .request(parts.method, format!("{}{path}", shared.upstream))
         .body(body);
     for (name, value) in &parts.headers {
-        if name != "host" && name != "content-length" {
+        // `host` is kept: it is part of what AWS clients sign, and moto checks signatures.
+        if name != "content-length" {
             upstream = upstream.header(name, value);
         }
     }

@@ -124,6 +124,11 @@ impl LocalLambda {
             .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
             .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
             .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
+            // The function's own IAM user (scripts/provision.py), as under `cargo lambda watch`.
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env("AWS_PROFILE", name)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log file"))
             .stderr(log_file)
@@ -217,7 +222,8 @@ async fn next(State(runtime): State<Arc<Runtime>>) -> Response {
         .lock()
         .unwrap()
         .insert(invocation.id.clone(), invocation.reply);
-    let deadline = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000 + 60_000;
+    // A deadline like the refresh function's timeout (300 s): the job plans its work by it.
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000 + 300_000;
     let mut headers = HeaderMap::new();
     let mut set = |name: &'static str, value: String| {
         headers.insert(name, HeaderValue::from_str(&value).expect("header"));

@@ -455,3 +455,106 @@ async fn transactions_whose_answer_was_lost_take_effect_once() {
     );
     assert_eq!(pending_revocations(&id).await, 0, "nothing left queued");
 }
+
+// ---- nothing lost between two writes ----------------------------------------------------
+//
+// Each step whose first write comes after Klaviyo has answered: the fault proxy fails the
+// write (or applies it and loses the answer), and the test shows what is kept, what is
+// revoked, and that a retry converges.
+
+const TRANSACTION: Matcher = Matcher::AwsTarget("DynamoDB_20120810.TransactWriteItems");
+
+/// A reconnect whose transaction fails keeps the old tokens working and revokes the new ones;
+/// the retry replaces them and revokes the old refresh token through the queue written in the
+/// same transaction. A lost answer takes effect once.
+#[tokio::test]
+async fn a_reconnect_whose_write_fails_keeps_the_old_tokens_and_revokes_the_new() {
+    let stage = Stage::new().await;
+    let callback = stage.function("callback").await;
+    let token = token_for(&unique("user")).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+    let original = refresh_tokens(&account, "active").await;
+    assert_eq!(original.len(), 1);
+
+    stage.inject(TRANSACTION, Failure::ServerError).await;
+    let landed = callback
+        .http(callback_request(&token, &account).await)
+        .await;
+    redirected_to(&landed, "error=klaviyo_connection_failed", "write failed");
+    assert_eq!(
+        refresh_tokens(&account, "active").await,
+        original,
+        "the stored token still works; the unstored new one was revoked"
+    );
+    assert_eq!(pending_revocations(&id).await, 0, "nothing queued");
+    stage.clear(TRANSACTION).await;
+
+    let landed = callback
+        .http(callback_request(&token, &account).await)
+        .await;
+    redirected_to(&landed, "connected=klaviyo", "retried");
+    let active = refresh_tokens(&account, "active").await;
+    assert_eq!(active.len(), 1, "only the new token is live");
+    assert_ne!(active, original, "the replaced token was revoked");
+    assert_eq!(pending_revocations(&id).await, 0, "its queue item is gone");
+
+    let hits = stage.aws.hits();
+    stage.inject(TRANSACTION, Failure::LostAnswer).await;
+    let landed = callback
+        .http(callback_request(&token, &account).await)
+        .await;
+    redirected_to(&landed, "connected=klaviyo", "answer lost, applied once");
+    assert_eq!(
+        stage.aws.hits(),
+        hits + 1,
+        "the transaction's answer was lost"
+    );
+    let latest = refresh_tokens(&account, "active").await;
+    assert_eq!(
+        latest.len(),
+        1,
+        "the stored token is live, the replaced one revoked"
+    );
+    assert_ne!(latest, active);
+    assert_eq!(accounts_of(&token).await.len(), 1);
+    assert_eq!(pending_revocations(&id).await, 0);
+}
+
+/// Switching from OAuth to an API key: the OAuth token is revoked only once the key is
+/// stored, so a failed write leaves the OAuth connection working.
+#[tokio::test]
+async fn switching_to_an_api_key_revokes_the_oauth_token_only_once_the_key_is_stored() {
+    let stage = Stage::new().await;
+    let connect = stage.function("connect").await;
+    let token = token_for(&unique("user")).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+    let key = register_api_key(&account).await;
+
+    stage.inject(TRANSACTION, Failure::ServerError).await;
+    let keyed = connect.http(api_key(&token, &key)).await;
+    assert_error(&keyed, 503, "service_unavailable", "write failed");
+    assert_eq!(
+        refresh_tokens(&account, "active").await.len(),
+        1,
+        "the OAuth token still works"
+    );
+    let listed = accounts_of(&token).await;
+    assert_eq!(listed[0]["authType"], "oauth", "still the OAuth connection");
+    stage.clear(TRANSACTION).await;
+
+    let keyed = connect.http(api_key(&token, &key)).await;
+    assert_eq!(keyed.status, 201, "{}", keyed.body);
+    assert_eq!(
+        keyed.json()["account"]["id"],
+        id.as_str(),
+        "the same connection"
+    );
+    assert!(
+        refresh_tokens(&account, "active").await.is_empty(),
+        "the replaced OAuth token was revoked"
+    );
+    assert_eq!(pending_revocations(&id).await, 0);
+    assert_eq!(accounts_of(&token).await[0]["authType"], "api_key");
+}

@@ -8,7 +8,7 @@ async fn main() -> Result<(), Error> {
     let refresh = &refresh;
     run(service_fn(|event: LambdaEvent<serde_json::Value>| {
         let deadline = event.context.deadline();
-        async move { Ok::<_, Error>(refresh.run(Some(deadline)).await) }
+        async move { Ok::<_, Error>(refresh.run(Some(deadline)).await.into_result()?) }
     }))
     .await
 }

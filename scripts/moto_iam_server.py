@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""moto_server, with requests authorized the way AWS authorizes them.
+
+moto (5.1.22) can check IAM (INITIAL_NO_AUTH_ACTION_COUNT), but for DynamoDB, KMS and Secrets
+Manager it checks every action against the resource `*`, so a statement scoped to a table or key
+ARN never matches; it checks `dynamodb:TransactWriteItems`, an action AWS does not have (AWS
+checks each item's PutItem, UpdateItem, DeleteItem or ConditionCheckItem); and it passes
+conditions it has no values for. This wrapper replaces only the authorization step: for each
+request it works out what AWS would check (action, resource ARN, and for KMS the
+`kms:EncryptionContext:*` keys of the request) and evaluates the caller's IAM policies itself:
+Allow and Deny, wildcards in actions and resources, and StringEquals conditions. A policy using
+anything else fails loudly instead of being half-evaluated.
+
+Signature checking, access keys and users stay moto's. Usage is moto_server's:
+    moto_iam_server.py -H 127.0.0.1 -p PORT
+With MOTO_IAM_AUDIT_LOG set, every decision is appended there as a JSON line (user, action,
+resource, allowed), so `scripts/iam_audit.py` can tell which granted actions were never used.
+"""
+
+import fnmatch
+import json
+import os
+import sys
+import threading
+
+from moto import server
+from moto.iam import access_control
+
+SUPPORTED_CONDITIONS = {"StringEquals"}
+
+
+class UnsupportedPolicy(Exception):
+    pass
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def _body(request):
+    try:
+        return json.loads(request._body or b"{}")
+    except (ValueError, TypeError):
+        return {}
+
+
+def _dynamodb_table(request, table, index=None):
+    arn = f"arn:aws:dynamodb:{request._region}:{request.account_id}:table/{table}"
+    return f"{arn}/index/{index}" if index else arn
+
+
+def _kms_key(request, key_id):
+    from moto.kms.models import kms_backends
+
+    backend = kms_backends[request.account_id][request._region]
+    try:
+        return backend.describe_key(key_id).arn
+    except Exception:  # an unknown key: let the service answer NotFound
+        return key_id
+
+
+def _secret(request, secret_id):
+    from moto.secretsmanager.models import secretsmanager_backends
+
+    secrets = secretsmanager_backends[request.account_id][request._region].secrets
+    secret = secrets.get(secret_id)
+    return secret.arn if secret else secret_id
+
+
+TRANSACT_ITEM_ACTIONS = {
+    "Put": "PutItem",
+    "Update": "UpdateItem",
+    "Delete": "DeleteItem",
+    "ConditionCheck": "ConditionCheckItem",
+    "Get": "GetItem",
+}
+
+
+def checks(request):
+    """What AWS authorizes for this request: (action, resource, condition context) triples."""
+    service, _, operation = request._action.partition(":")
+    body = _body(request)
+    if service == "dynamodb":
+        if operation in ("TransactWriteItems", "TransactGetItems"):
+            result = []
+            for item in body.get("TransactItems", []):
+                for kind, spec in item.items():
+                    action = TRANSACT_ITEM_ACTIONS[kind]
+                    result.append((f"dynamodb:{action}", _dynamodb_table(request, spec["TableName"]), {}))
+            return result
+        if operation in ("BatchGetItem", "BatchWriteItem"):
+            return [
+                (request._action, _dynamodb_table(request, table), {})
+                for table in body.get("RequestItems", {})
+            ]
+        if "TableName" in body:
+            return [(request._action, _dynamodb_table(request, body["TableName"], body.get("IndexName")), {})]
+    if service == "kms" and "KeyId" in body:
+        context = {
+            f"kms:EncryptionContext:{key}": value
+            for key, value in (body.get("EncryptionContext") or {}).items()
+        }
+        return [(request._action, _kms_key(request, body["KeyId"]), context)]
+    if service == "secretsmanager" and "SecretId" in body:
+        return [(request._action, _secret(request, body["SecretId"]), {})]
+    return [(request._action, "*", {})]
+
+
+def _matches(patterns, value, case_sensitive):
+    for pattern in _as_list(patterns):
+        if case_sensitive:
+            if fnmatch.fnmatchcase(value, pattern):
+                return True
+        elif fnmatch.fnmatchcase(value.lower(), pattern.lower()):
+            return True
+    return False
+
+
+def _conditions_hold(conditions, context):
+    for operator, tests in (conditions or {}).items():
+        if operator not in SUPPORTED_CONDITIONS:
+            raise UnsupportedPolicy(f"condition operator {operator} is not evaluated locally")
+        for key, expected in tests.items():
+            if key not in context or context[key] not in _as_list(expected):
+                return False
+    return True
+
+
+def permitted(documents, action, resource, context):
+    """IAM's evaluation for identity policies: an explicit Deny wins, else any Allow."""
+    allowed = False
+    for document in documents:
+        for statement in _as_list(document.get("Statement", [])):
+            if "NotAction" in statement or "NotResource" in statement:
+                raise UnsupportedPolicy("NotAction/NotResource are not evaluated locally")
+            if not _matches(statement.get("Action", []), action, case_sensitive=False):
+                continue
+            if not _matches(statement.get("Resource", []), resource, case_sensitive=True):
+                continue
+            if not _conditions_hold(statement.get("Condition"), context):
+                continue
+            if statement.get("Effect") == "Deny":
+                return False
+            allowed = True
+    return allowed
+
+
+AUDIT_LOG = os.environ.get("MOTO_IAM_AUDIT_LOG")
+_audit_lock = threading.Lock()
+
+
+def _audit(user, action, resource, allowed):
+    if not AUDIT_LOG:
+        return
+    line = json.dumps({"user": user, "action": action, "resource": resource, "allowed": allowed})
+    with _audit_lock, open(AUDIT_LOG, "a") as f:
+        f.write(line + "\n")
+
+
+def check_action_permitted(self, resource):
+    documents = [
+        access_control.IAMPolicy(policy)._policy_json
+        for policy in self._access_key.collect_policies()
+    ]
+    for action, arn, context in checks(self):
+        allowed = permitted(documents, action, arn, context)
+        _audit(self._access_key.arn, action, arn, allowed)
+        if not allowed:
+            print(f"AccessDenied: {self._access_key.arn} {action} on {arn}", file=sys.stderr, flush=True)
+            self._raise_access_denied()
+
+
+access_control.IAMRequestBase.check_action_permitted = check_action_permitted
+
+if __name__ == "__main__":
+    sys.exit(server.main(sys.argv[1:]))

@@ -1,0 +1,135 @@
+//! Each function's worst-case time, worked out from the timeouts and budgets the code uses, so
+//! a test can hold it against the function's Lambda `Timeout` in template.yaml
+//! (tests/tests/template.rs). A function that outlives its timeout is killed between two
+//! writes; one that fits always finishes what it started (API Gateway may answer the browser
+//! 503 after 30 s, but the function still completes its writes).
+//!
+//! The model is a sum of sequential steps, each at its bound: an AWS call at
+//! `AWS_CALL_TIMEOUT` (retries included), a Klaviyo call at `REQUEST_TIMEOUT`, an inline
+//! revocation at `INLINE_BUDGET`; concurrent steps count as their slowest one. Secrets are
+//! counted once: an HTTP function that could not read them at start-up reads them on its
+//! first request.
+
+use crate::context::AWS_CALL_TIMEOUT;
+use crate::klaviyo::{REQUEST_TIMEOUT, REVOKE_TIMEOUT};
+use crate::refresh::{DEADLINE_MARGIN, LEASE, WRITE_ATTEMPTS};
+use crate::revocation::{INLINE_BUDGET, REPLACE_ATTEMPTS};
+use std::fmt;
+use std::time::Duration;
+
+/// The sequential steps of one function's slowest path.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Self { steps: Vec::new() }
+    }
+
+    fn step(mut self, what: &'static str, time: Duration) -> Self {
+        self.steps.push((what, time));
+        self
+    }
+
+    fn repeat(mut self, times: u32, what: &'static str, each: Duration) -> Self {
+        self.steps.push((what, each * times));
+        self
+    }
+
+    pub fn total(&self) -> Duration {
+        self.steps.iter().map(|(_, time)| *time).sum()
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (what, time) in &self.steps {
+            writeln!(f, "  {:>6.1} s  {what}", time.as_secs_f64())?;
+        }
+        write!(f, "  {:>6.1} s  in all", self.total().as_secs_f64())
+    }
+}
+
+const AWS: Duration = AWS_CALL_TIMEOUT;
+const KLAVIYO: Duration = REQUEST_TIMEOUT;
+
+/// Reading and replacing a connection, queueing the replaced token (`Revoker::replace`).
+fn replace(budget: Budget) -> Budget {
+    budget
+        .repeat(REPLACE_ATTEMPTS, "read + transaction, per attempt", AWS * 2)
+        .step("inline revocation of the replaced token", INLINE_BUDGET)
+}
+
+/// One refresh under a lease: take the lease, open the tokens, ask Klaviyo, store the result
+/// (retried), and if it cannot be stored, queue or revoke the new token.
+pub fn refresh_item() -> Budget {
+    Budget::new()
+        .step("take the lease", AWS)
+        .step("KMS Decrypt", AWS)
+        .step("Klaviyo token refresh", KLAVIYO)
+        .repeat(WRITE_ATTEMPTS, "store the result (attempts)", AWS)
+        .step("queue the unstored token", AWS)
+        .step("or revoke it", REVOKE_TIMEOUT)
+}
+
+/// One pending revocation in the job: open, revoke, delete or reschedule.
+pub fn revocation_item() -> Budget {
+    Budget::new()
+        .step("KMS Decrypt", AWS)
+        .step("Klaviyo revoke", REVOKE_TIMEOUT)
+        .step("delete or reschedule", AWS)
+}
+
+/// The worst case of the function whose binary is `binary`, given its Lambda `timeout`
+/// (the refresh job plans its work by its deadline). `None` for an unknown function.
+pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
+    let secrets = ("Secrets Manager (when start-up could not)", AWS);
+    Some(match binary {
+        // The slower of its two routes: an API key (the OAuth start is two AWS calls).
+        "connect" => replace(
+            Budget::new()
+                .step(secrets.0, secrets.1)
+                .step("rate-limit counter", AWS)
+                .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS)),
+        ),
+        "callback" => {
+            let budget = Budget::new()
+                .step(secrets.0, secrets.1)
+                .step("consume the pending state", AWS)
+                .step("Klaviyo code exchange", KLAVIYO)
+                .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS));
+            // Stored: the replaced token is revoked inline; not stored: the new one is.
+            replace(budget)
+        }
+        "accounts" => Budget::new()
+            .step(secrets.0, secrets.1)
+            .step("Query the user's connections", AWS),
+        "disconnect" => Budget::new()
+            .step(secrets.0, secrets.1)
+            .repeat(
+                crate::disconnect::ATTEMPTS,
+                "read + (transaction ∥ KMS Decrypt), per attempt",
+                AWS * 2,
+            )
+            .step("inline revocation", INLINE_BUDGET),
+        // The job stops taking work DEADLINE_MARGIN before its deadline; what is in flight
+        // then is at most one item per worker, all in parallel.
+        "refresh" => Budget::new()
+            .step(
+                "work until the stop line",
+                timeout.saturating_sub(DEADLINE_MARGIN),
+            )
+            .step(
+                "the slowest item in flight",
+                refresh_item().total().max(revocation_item().total()),
+            ),
+        _ => return None,
+    })
+}
+
+/// A refresh must end well inside its lease, or a second worker could start it.
+pub fn refresh_fits_its_lease() -> bool {
+    refresh_item().total() < LEASE.unsigned_abs()
+}
