@@ -12,7 +12,7 @@
 
 use crate::context::AWS_CALL_TIMEOUT;
 use crate::klaviyo::{REQUEST_TIMEOUT, REVOKE_TIMEOUT};
-use crate::refresh::{DEADLINE_MARGIN, LEASE, WRITE_ATTEMPTS};
+use crate::refresh::{DEADLINE_MARGIN, LEASE, WRITE_ATTEMPTS, WRITE_RETRY_PAUSE};
 use crate::revocation::{INLINE_BUDGET, REPLACE_ATTEMPTS};
 use std::fmt;
 use std::time::Duration;
@@ -58,7 +58,11 @@ const KLAVIYO: Duration = REQUEST_TIMEOUT;
 /// Reading and replacing a connection, queueing the replaced token (`Revoker::replace`).
 fn replace(budget: Budget) -> Budget {
     budget
-        .repeat(REPLACE_ATTEMPTS, "read + transaction, per attempt", AWS * 2)
+        .repeat(
+            REPLACE_ATTEMPTS,
+            "read + transaction + re-read after a conflict, per attempt",
+            AWS * 3,
+        )
         .step("inline revocation of the replaced token", INLINE_BUDGET)
 }
 
@@ -69,7 +73,11 @@ pub fn refresh_item() -> Budget {
         .step("take the lease", AWS)
         .step("KMS Decrypt", AWS)
         .step("Klaviyo token refresh", KLAVIYO)
-        .repeat(WRITE_ATTEMPTS, "store the result (attempts)", AWS)
+        .repeat(
+            WRITE_ATTEMPTS,
+            "store the result + re-read after a conflict, per attempt",
+            AWS * 2 + WRITE_RETRY_PAUSE,
+        )
         .step("queue the unstored token", AWS)
         .step("or revoke it", REVOKE_TIMEOUT)
 }
@@ -77,6 +85,7 @@ pub fn refresh_item() -> Budget {
 /// One pending revocation in the job: open, revoke, delete or reschedule.
 pub fn revocation_item() -> Budget {
     Budget::new()
+        .step("read the connection (is the token stored after all?)", AWS)
         .step("KMS Decrypt", AWS)
         .step("Klaviyo revoke", REVOKE_TIMEOUT)
         .step("delete or reschedule", AWS)

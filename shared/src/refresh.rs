@@ -40,7 +40,7 @@ pub const LEASE: time::Duration = time::Duration::seconds(60);
 const PAGE_SIZE: i32 = 1000;
 /// Stop taking new work this long before the Lambda deadline: longer than the worst case of
 /// the one item a worker may have in flight (`crate::budget`).
-pub const DEADLINE_MARGIN: Duration = Duration::from_secs(60);
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(75);
 /// Budget when the invoker gives no deadline.
 const DEFAULT_BUDGET: Duration = Duration::from_secs(240);
 /// Pending revocations attempted per run.
@@ -50,7 +50,7 @@ const BACKOFF_BASE_SECS: i64 = 60;
 const BACKOFF_MAX_SECS: i64 = 30 * 60;
 /// Attempts to store a refresh result (each one AWS call), and the pause between them.
 pub const WRITE_ATTEMPTS: u32 = 3;
-const WRITE_RETRY_PAUSE: Duration = Duration::from_millis(200);
+pub const WRITE_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Never schedule the next refresh sooner than this (tokens with a very short life).
 const MIN_REFRESH_INTERVAL: time::Duration = time::Duration::seconds(60);
 

@@ -105,6 +105,11 @@ impl Revoker {
                 .get_connection(&connection.user_id, &connection.id)
                 .await
             {
+                // What is stored is this very connection: an earlier attempt landed and its
+                // answer was lost. It must not be replaced again (that would revoke it).
+                Ok(previous) if previous.credentials == connection.credentials => {
+                    return Ok(previous);
+                }
                 Ok(previous) => Some(previous),
                 Err(StoreError::NotFound) => None,
                 Err(e) => return Err(e),
@@ -206,13 +211,30 @@ impl Revoker {
         Ok(summary)
     }
 
-    /// One queued revocation: at most one KMS call, one Klaviyo call (`REVOKE_TIMEOUT`) and
-    /// one write.
+    /// One queued revocation: one read, at most one KMS call, one Klaviyo call
+    /// (`REVOKE_TIMEOUT`) and one write.
     async fn finish_one(&self, pending: PendingRevocation, now: OffsetDateTime) -> Finished {
         if pending.expires_at <= now {
             // Unused for 90 days: Klaviyo has expired the token itself.
             self.forget(&pending).await;
             return Finished::Expired;
+        }
+        // A token queued while the outcome of its own write was unknown may be stored after
+        // all: it is the connection's live token then, and must not be revoked.
+        match self
+            .store
+            .get_connection(&pending.user_id, &pending.connection_id)
+            .await
+        {
+            Ok(current) if current.credentials == pending.credentials => {
+                self.forget(&pending).await;
+                return Finished::Expired;
+            }
+            Ok(_) | Err(StoreError::NotFound) => {}
+            Err(e) => {
+                log_deferred(&pending, &e.to_string());
+                return Finished::Deferred;
+            }
         }
         let result = match pending.open(&self.sealer).await {
             Ok(credentials) => match credentials.refresh_token() {

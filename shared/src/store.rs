@@ -397,7 +397,9 @@ impl Store {
                 // makes every sealed blob unique).
                 match self.get_connection(&stored.user_id, &stored.id).await {
                     Ok(current) if current.credentials == stored.credentials => Ok(current),
-                    _ => Err(StoreError::Conflict),
+                    Ok(_) | Err(StoreError::NotFound) => Err(StoreError::Conflict),
+                    // Unknown whether it landed: not a conflict (a retry would re-read).
+                    Err(e) => Err(e),
                 }
             }
             Some(_) => Err(StoreError::Conflict),

@@ -124,7 +124,8 @@ fn function_actions_match_the_service_of_their_resource() {
     }
 }
 
-const USE_ACTIONS: [&str; 6] = [
+const USE_ACTIONS: [&str; 7] = [
+    "kms:CreateGrant",
     "kms:Decrypt",
     "kms:Encrypt",
     "kms:GenerateDataKey",
@@ -190,7 +191,7 @@ fn key_policy_lets_administrators_manage_but_not_use_the_key() {
             .and_then(|t| t.value.as_str())
             .unwrap_or_default();
         assert!(
-            role_pattern.ends_with(":role/${AWS::StackName}-*FunctionRole-*"),
+            role_pattern.ends_with(":role/klaviyo-connect/${AWS::StackName}/*"),
             "{sid}: use must be limited to this stack's function roles, got {principal:?}"
         );
         requires_service_context(statement, sid);
@@ -199,6 +200,18 @@ fn key_policy_lets_administrators_manage_but_not_use_the_key() {
         use_statements, 1,
         "exactly one key-policy statement allows use"
     );
+}
+
+#[test]
+fn function_roles_live_under_the_path_the_key_policy_names() {
+    for (id, _, function) in functions() {
+        let path = tagged(&function["RolePath"]).and_then(|t| t.value.as_str());
+        assert_eq!(
+            path,
+            Some("/klaviyo-connect/${AWS::StackName}/"),
+            "{id}: RolePath"
+        );
+    }
 }
 
 #[test]
