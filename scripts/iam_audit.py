@@ -50,12 +50,20 @@ def main():
         for line in f:
             entry = json.loads(line)
             user = entry["user"].rsplit("/", 1)[-1]
-            if not user.startswith("klaviyo-connect-"):
+            if user == "klaviyo-connect-nobody":
+                binary = "nobody"
+            elif user.removeprefix("klaviyo-connect-") in granted:
+                binary = user.removeprefix("klaviyo-connect-")
+            else:  # the admin (tests, provisioning) and the deliberate `secrets-only` user
                 continue
-            binary = user.removeprefix("klaviyo-connect-")
             (used if entry["allowed"] else refused)[binary].add((entry["action"], entry["resource"]))
 
     problems = []
+    for action, resource in sorted(refused.pop("nobody", ())):
+        problems.append(
+            f"a function ran without its profile and was refused {action} on {resource}: give it "
+            "`AWS_PROFILE` in `[workspace.metadata.lambda.bin.<name>.env]` in Cargo.toml"
+        )
     for binary in sorted(set(refused)):
         for action, resource in sorted(refused[binary]):
             problems.append(f"{binary}: was refused {action} on {resource} (template.yaml does not grant it)")

@@ -30,7 +30,7 @@ process_running() {
 }
 
 server_running() {
-  process_running moto moto_iam_server
+  process_running moto moto_
 }
 
 stop_process() {
@@ -57,10 +57,15 @@ wait_for() {
 
 up() {
   "$root/scripts/venv.sh"
+  local template_hash; template_hash="$(sha256sum "$root/template.yaml" | cut -d' ' -f1)"
   if server_running && process_running sandbox klaviyo-sandbox && process_running page serve_page \
       && [[ -f "$state/env.sh" ]]; then
-    cat "$state/env.sh"
-    return 0
+    # The functions' IAM users are made from template.yaml: a changed template needs a new stack.
+    if [[ "$(cat "$state/template.sha256" 2>/dev/null)" == "$template_hash" ]]; then
+      cat "$state/env.sh"
+      return 0
+    fi
+    echo "template.yaml changed since this stack was provisioned: starting a fresh one" >&2
   fi
   down 2>/dev/null  # a half-started stack is replaced whole
   mkdir -p "$state"
@@ -70,11 +75,11 @@ up() {
   local endpoint="http://127.0.0.1:$port"
   # IAM is enforced after the three calls that create provisioning's admin user; every later
   # request is authorized the way AWS does it (scripts/moto_iam_server.py).
-  echo "Starting moto_server on $endpoint, IAM enforced (log: $state/moto.log)" >&2
+  echo "Starting moto on $endpoint, IAM enforced (log: $state/moto.log)" >&2
   INITIAL_NO_AUTH_ACTION_COUNT=3 MOTO_IAM_AUDIT_LOG="$state/iam-audit.jsonl" nohup "$python" "$root/scripts/moto_iam_server.py" -H 127.0.0.1 -p "$port" \
     > "$state/moto.log" 2>&1 &
   echo $! > "$state/moto.pid"
-  wait_for moto moto_iam_server "$endpoint/moto-api/"
+  wait_for moto moto_ "$endpoint/moto-api/"
   "$python" "$root/scripts/provision.py" \
     --endpoint "$endpoint" \
     --template "$root/template.yaml" \
@@ -105,6 +110,7 @@ export KLAVIYO_OAUTH_BASE=$sandbox
 export KLAVIYO_API_BASE=$sandbox/api
 export KLAVIYO_SANDBOX_URL=$sandbox
 EXPORTS
+  echo "$template_hash" > "$state/template.sha256"
   mv "$state/env.sh.tmp" "$state/env.sh"
   cat "$state/env.sh"
 }
@@ -112,7 +118,7 @@ EXPORTS
 down() {
   stop_process sandbox klaviyo-sandbox
   stop_process page serve_page
-  stop_process moto moto_iam_server
+  stop_process moto moto_
   rm -rf "$state"
 }
 

@@ -38,6 +38,7 @@ JWT_SECRET_NAME = "klaviyo-connect/local/jwt-secret"
 REGION = "us-east-1"
 ADMIN_USER = "klaviyo-connect-admin"
 NOBODY_USER = "klaviyo-connect-nobody"
+SECRETS_ONLY_USER = "klaviyo-connect-secrets-only"
 # The calls that create the admin user before IAM is enforced (INITIAL_NO_AUTH_ACTION_COUNT).
 UNAUTHENTICATED_CALLS = 3
 
@@ -204,7 +205,18 @@ def main():
         },
         attributes={"ConnectionsTable.Arn": table_arn, "CredentialsKey.Arn": key_arn},
     )
-    profiles = {"default": create_user(iam, NOBODY_USER, None), "admin": admin}
+    # `default` catches a function started without its profile; `secrets-only` is for tests
+    # that show what a function does when its policy lacks every table and key action (it can
+    # start: it reads its secrets).
+    secrets_only = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": "*"}],
+    }
+    profiles = {
+        "default": create_user(iam, NOBODY_USER, None),
+        "admin": admin,
+        "secrets-only": create_user(iam, SECRETS_ONLY_USER, secrets_only),
+    }
     for binary, policy in function_policies(template, resolve).items():
         profiles[binary] = create_user(iam, f"klaviyo-connect-{binary}", policy)
     credentials_file = os.path.join(args.state, "aws-credentials")

@@ -53,6 +53,16 @@ cleanup() {
     echo "---- last lines of cargo lambda watch ----" >&2
     tail -40 "$LOCAL_STACK_DIR/watch.log" >&2
   fi
+  if [[ $status -ne 0 && -f "$LOCAL_STACK_DIR/moto.log" ]]; then
+    # A refused AWS call looks like a 503 or a failed redirect to the tests; moto names it.
+    if grep -q '^AccessDenied' "$LOCAL_STACK_DIR/moto.log"; then
+      echo "---- AWS calls IAM refused (moto.log) ----" >&2
+      grep '^AccessDenied' "$LOCAL_STACK_DIR/moto.log" | sort | uniq -c | sort -rn | head -20 >&2
+    fi
+    mkdir -p target/test-logs
+    cp "$LOCAL_STACK_DIR"/{moto.log,iam-audit.jsonl,watch.log} target/test-logs/ 2>/dev/null || true
+    echo "(logs kept in target/test-logs/)" >&2
+  fi
   scripts/local-stack.sh down
   exit $status
 }

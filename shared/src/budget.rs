@@ -109,8 +109,9 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
                 .step("consume the pending state", AWS)
                 .step("Klaviyo code exchange", KLAVIYO)
                 .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS));
-            // Stored: the replaced token is revoked inline; not stored: the new one is.
-            replace(budget)
+            // Stored: the replaced token is revoked inline. Not stored: a read tells whether it
+            // was after all (a lost answer), then the new token is revoked inline instead.
+            replace(budget).step("re-read after a failed write", AWS)
         }
         "accounts" => Budget::new()
             .step(secrets.0, secrets.1)

@@ -150,14 +150,49 @@ impl Callback {
             .klaviyo
             .exchange_code(&code, &pending.code_verifier)
             .await?;
-        let result = self.store_connection(&pending, &tokens).await;
-        if result.is_err() {
-            self.revoke_abandoned(&tokens).await;
+        let connection = match self.new_connection(&pending, &tokens).await {
+            Ok(connection) => connection,
+            Err(failure) => {
+                self.revoke_abandoned(&tokens).await;
+                return Err(failure);
+            }
+        };
+        // A reconnect replaces the old tokens and queues the old refresh token's revocation
+        // in one transaction.
+        match self.revoker.replace(&connection).await {
+            Ok(stored) => Ok(stored),
+            Err(e) => {
+                match self.stored_after_all(&connection).await {
+                    Some(true) => return Ok(connection),
+                    Some(false) => self.revoke_abandoned(&tokens).await,
+                    None => {}
+                }
+                Err(e.into())
+            }
         }
-        result
     }
 
-    async fn store_connection(
+    /// After a failed write: whether it landed anyway (its answer lost), `None` when that
+    /// cannot be read either. Revoking tokens that are stored would break the connection, so
+    /// in doubt they are not revoked (a live token nobody holds is the smaller harm), and the
+    /// user is told the connect failed (they can simply try again).
+    async fn stored_after_all(&self, connection: &Connection) -> Option<bool> {
+        match self
+            .store
+            .get_connection(&connection.user_id, &connection.id)
+            .await
+        {
+            Ok(current) => Some(current.credentials == connection.credentials),
+            Err(StoreError::NotFound) => Some(false),
+            Err(e) => {
+                tracing::warn!(event = "revocation_skipped", connection_id = %connection.id, error = %e, "cannot tell whether the new tokens were stored; not revoking them");
+                None
+            }
+        }
+    }
+
+    /// The connection Klaviyo's answer makes: the account it names, the tokens sealed.
+    async fn new_connection(
         &self,
         pending: &crate::model::PendingAuthorization,
         tokens: &TokenSet,
@@ -204,9 +239,7 @@ impl Callback {
             credentials: sealed,
             version: 0,
         };
-        // A reconnect replaces the old tokens and queues the old refresh token's revocation
-        // in one transaction.
-        Ok(self.revoker.replace(&connection).await?)
+        Ok(connection)
     }
 
     /// The flow failed after Klaviyo issued tokens that nothing stores: revoke them now,

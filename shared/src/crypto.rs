@@ -126,11 +126,42 @@ impl KeyBinding {
     }
 }
 
+/// KMS errors that retrying will not fix (permissions, a disabled or missing key) are
+/// `Refused`, so callers can raise them instead of backing off quietly.
+fn kms_error<E, R>(error: SdkError<E, R>) -> CryptoError
+where
+    E: std::error::Error + aws_sdk_kms::error::ProvideErrorMetadata + 'static,
+    R: fmt::Debug,
+{
+    let refused = error
+        .as_service_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| {
+            matches!(
+                code,
+                "AccessDeniedException"
+                    | "DisabledException"
+                    | "KMSInvalidStateException"
+                    | "NotFoundException"
+            )
+        });
+    let message = DisplayErrorContext(&error).to_string();
+    if refused {
+        CryptoError::Refused(message)
+    } else {
+        CryptoError::Unavailable(message)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
-    /// KMS could not be reached or refused for a reason that may pass; retry later.
+    /// KMS could not be reached or failed for a reason that may pass; retry later.
     #[error("KMS unavailable: {0}")]
     Unavailable(String),
+    /// KMS refused: the role may not use the key, or the key is disabled or gone. A
+    /// configuration fault that retrying will not fix.
+    #[error("KMS refused: {0}")]
+    Refused(String),
     /// The blob does not open under this context: tampered, moved, or not ours.
     #[error("sealed data does not open in this context")]
     CannotOpen,
@@ -331,7 +362,7 @@ impl Sealer {
             .set_encryption_context(Some(binding.encryption_context()))
             .send()
             .await
-            .map_err(|e| CryptoError::Unavailable(DisplayErrorContext(&e).to_string()))?;
+            .map_err(kms_error)?;
         let plaintext = Zeroizing::new(
             output
                 .plaintext
@@ -389,7 +420,7 @@ impl Sealer {
                 {
                     CryptoError::CannotOpen
                 }
-                _ => CryptoError::Unavailable(DisplayErrorContext(&e).to_string()),
+                _ => kms_error(e),
             })?;
         let plaintext = Zeroizing::new(
             output

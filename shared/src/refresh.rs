@@ -28,6 +28,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 
@@ -63,6 +64,8 @@ pub struct RunSummary {
     pub failed: u64,
     /// Results that could not be stored; any makes the run count as failed.
     pub write_failures: u64,
+    /// Steps AWS refused (permissions, key state, a missing table); any makes the run fail.
+    pub refused: u64,
     pub skipped_locked: u64,
     pub revocations_finished: u64,
     pub duration_ms: u64,
@@ -72,7 +75,7 @@ impl RunSummary {
     /// A run that could not store some of its results failed: the invocation reports an
     /// error (Lambda's Errors metric, the failure destination), not just a log line.
     pub fn into_result(self) -> Result<Self, RunFailed> {
-        if self.write_failures > 0 {
+        if self.write_failures > 0 || self.refused > 0 {
             Err(RunFailed(self))
         } else {
             Ok(self)
@@ -80,9 +83,9 @@ impl RunSummary {
     }
 }
 
-/// A run whose results could not all be stored.
+/// A run whose results could not all be stored, or whose steps AWS refused.
 #[derive(Debug, thiserror::Error)]
-#[error("{failures} refresh results could not be stored: {summary:?}", failures = .0.write_failures, summary = .0)]
+#[error("{failures} refresh results could not be stored and {refused} steps were refused: {summary:?}", failures = .0.write_failures, refused = .0.refused, summary = .0)]
 pub struct RunFailed(pub RunSummary);
 
 /// The outcome of one connection's refresh.
@@ -94,6 +97,8 @@ pub enum Outcome {
     Failed,
     /// The result could not be written (DynamoDB refused or failed): the run fails.
     WriteFailed,
+    /// AWS refused a step (permissions, key state): a configuration fault; the run fails.
+    Refused,
     /// Another worker holds the lease (or the connection stopped being eligible).
     SkippedLocked,
     /// Already refreshed by someone else, reconnected or disconnected meanwhile.
@@ -133,6 +138,7 @@ impl Refresher {
             Ok(connection) => connection,
             Err(StoreError::Conflict) => return Outcome::SkippedLocked,
             Err(StoreError::NotFound) => return Outcome::Skipped,
+            Err(e @ StoreError::Refused(_)) => return refused(&key.connection_id, &e),
             Err(e) => {
                 tracing::warn!(error = %e, "could not take a refresh lease");
                 return Outcome::Failed;
@@ -167,6 +173,8 @@ impl Refresher {
                     None,
                 );
             }
+            // Not the tokens' fault: the lease expires and the connection stays due.
+            Err(e @ CryptoError::Refused(_)) => return (refused(&connection.id, &e), None),
             Err(e) => {
                 return (
                     self.needs_reauth(&connection, &e.to_string(), &fence).await,
@@ -416,16 +424,24 @@ impl Refresher {
     }
 }
 
+/// AWS refused a step of one connection's refresh: logged for the alarm, counted to fail
+/// the run.
+fn refused(connection_id: &str, error: &dyn std::fmt::Display) -> Outcome {
+    tracing::error!(event = "refresh_access_denied", connection_id = %connection_id, error = %error, "AWS refused a refresh step");
+    Outcome::Refused
+}
+
 fn backoff_secs(failures: u32) -> i64 {
     (BACKOFF_BASE_SECS << failures.saturating_sub(1).min(10)).min(BACKOFF_MAX_SECS)
 }
 
 /// Yields the keys of due connections, bucket by bucket, one Query page at a time, as the
 /// workers ask for them.
-fn due_keys(
-    store: &Store,
+fn due_keys<'a>(
+    store: &'a Store,
     until: OffsetDateTime,
-) -> impl futures::Stream<Item = ConnectionKey> + '_ {
+    refused_reads: &'a AtomicU64,
+) -> impl futures::Stream<Item = ConnectionKey> + 'a {
     struct Cursor {
         bucket: u8,
         start: Option<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
@@ -456,7 +472,12 @@ fn due_keys(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(bucket = cursor.bucket, error = %e, "could not read due connections");
+                    if matches!(e, StoreError::Refused(_)) {
+                        refused_reads.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(event = "refresh_access_denied", bucket = cursor.bucket, error = %e, "AWS refused reading due connections");
+                    } else {
+                        tracing::error!(bucket = cursor.bucket, error = %e, "could not read due connections");
+                    }
                     cursor.bucket += 1;
                 }
             }
@@ -499,8 +520,9 @@ impl Refresh {
         let owner = uuid::Uuid::new_v4().to_string();
         let until = OffsetDateTime::now_utc();
         let summary = Mutex::new(RunSummary::default());
+        let refused_reads = AtomicU64::new(0);
 
-        due_keys(&self.store, until)
+        due_keys(&self.store, until, &refused_reads)
             .take_while(|_| std::future::ready(Instant::now() < stop_at))
             .for_each_concurrent(self.concurrency, |key| {
                 let (summary, owner) = (&summary, &owner);
@@ -513,6 +535,7 @@ impl Refresh {
                         Outcome::NeedsReauth => s.needs_reauth += 1,
                         Outcome::Failed => s.failed += 1,
                         Outcome::WriteFailed => s.write_failures += 1,
+                        Outcome::Refused => s.refused += 1,
                         Outcome::SkippedLocked => s.skipped_locked += 1,
                         Outcome::Skipped => {}
                     }
@@ -521,6 +544,7 @@ impl Refresh {
             .await;
 
         let mut summary = summary.into_inner().unwrap_or_else(|p| p.into_inner());
+        summary.refused += refused_reads.into_inner();
         if Instant::now() < stop_at {
             match self
                 .revoker
@@ -529,6 +553,10 @@ impl Refresh {
             {
                 Ok(revocations) => {
                     summary.revocations_finished = revocations.finished + revocations.expired
+                }
+                Err(e @ StoreError::Refused(_)) => {
+                    summary.refused += 1;
+                    tracing::error!(event = "refresh_access_denied", error = %e, "AWS refused reading pending revocations");
                 }
                 Err(e) => tracing::error!(error = %e, "could not read pending revocations"),
             }
@@ -541,6 +569,7 @@ impl Refresh {
             needs_reauth = summary.needs_reauth,
             failed = summary.failed,
             write_failures = summary.write_failures,
+            refused = summary.refused,
             skipped_locked = summary.skipped_locked,
             revocations_finished = summary.revocations_finished,
             duration_ms = summary.duration_ms,
@@ -641,19 +670,28 @@ impl AccessTokens {
                 .await
             {
                 Ok(leased) if leased.version == connection.version => {
-                    match self.refresher.refresh_leased(leased, now, &owner).await {
+                    // In a task of its own: a caller that gives up (drops this future) must not
+                    // cancel a refresh after Klaviyo has rotated the token and before it is
+                    // stored.
+                    let (refresher, task_owner) = (self.refresher.clone(), owner.clone());
+                    let refreshed = tokio::spawn(async move {
+                        refresher.refresh_leased(leased, now, &task_owner).await
+                    })
+                    .await
+                    .unwrap_or((Outcome::Failed, None));
+                    match refreshed {
                         (Outcome::Refreshed, Some(token)) => {
                             return Ok(KlaviyoCredential::AccessToken(token));
                         }
                         (Outcome::NeedsReauth, _) => return Err(AccessTokenError::NeedsReauth),
                         // Klaviyo is having trouble: the current token still works until it
                         // actually expires.
-                        (Outcome::Failed | Outcome::WriteFailed, _)
+                        (Outcome::Failed | Outcome::WriteFailed | Outcome::Refused, _)
                             if expires_after(time::Duration::ZERO) =>
                         {
                             return self.stored(&connection).await;
                         }
-                        (Outcome::Failed | Outcome::WriteFailed, _) => {
+                        (Outcome::Failed | Outcome::WriteFailed | Outcome::Refused, _) => {
                             return Err(AccessTokenError::Unavailable(
                                 "Klaviyo refresh failed".into(),
                             ));

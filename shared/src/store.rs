@@ -48,17 +48,32 @@ pub enum StoreError {
     Conflict,
     #[error("DynamoDB unavailable: {0}")]
     Unavailable(String),
+    /// DynamoDB refused: the role may not perform the action, or the table is missing. A
+    /// configuration fault that retrying will not fix.
+    #[error("DynamoDB refused: {0}")]
+    Refused(String),
     #[error("stored item is malformed: {0}")]
     Corrupt(String),
 }
 
 impl<E, R> From<SdkError<E, R>> for StoreError
 where
-    E: std::error::Error + 'static,
+    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + 'static,
     R: std::fmt::Debug,
 {
     fn from(error: SdkError<E, R>) -> Self {
-        Self::Unavailable(DisplayErrorContext(&error).to_string())
+        let refused = error
+            .as_service_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| {
+                matches!(code, "AccessDeniedException" | "ResourceNotFoundException")
+            });
+        let message = DisplayErrorContext(&error).to_string();
+        if refused {
+            Self::Refused(message)
+        } else {
+            Self::Unavailable(message)
+        }
     }
 }
 

@@ -114,3 +114,16 @@ async fn expire_lease(user: &str, id: &str) {
         .await
         .expect("expire the lease");
 }
+
+/// A refresh function whose policy lacks its table and key actions (it can only read its
+/// secrets): the run does not quietly select nothing, it fails, so the errors alarm fires.
+#[tokio::test]
+async fn a_refresh_run_that_aws_refuses_fails() {
+    let refresh =
+        LocalLambda::start("refresh", &[("AWS_PROFILE", "secrets-only".to_owned())]).await;
+    let outcome = refresh.invoke(scheduled_event()).await;
+    assert!(
+        matches!(&outcome, Outcome::Error(e) if e.to_string().contains("steps were refused")),
+        "the run fails: {outcome:?}"
+    );
+}

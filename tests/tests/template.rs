@@ -265,3 +265,19 @@ fn a_refresh_ends_inside_its_lease() {
         shared::budget::refresh_item()
     );
 }
+
+/// Locally each function runs as its own IAM user: `cargo lambda watch` must give it its
+/// profile, or it runs as the user with no rights at all.
+#[test]
+fn every_function_has_its_local_aws_profile() {
+    let cargo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+        .expect("Cargo.toml");
+    for (id, binary, _) in functions() {
+        let entry =
+            format!("[workspace.metadata.lambda.bin.{binary}.env]\nAWS_PROFILE = \"{binary}\"");
+        assert!(
+            cargo.contains(&entry),
+            "{id}: Cargo.toml needs\n{entry}\nso that `cargo lambda watch` runs it as its IAM user"
+        );
+    }
+}
