@@ -24,6 +24,7 @@ import sys
 import threading
 
 from moto import server
+from moto.core.exceptions import JsonRESTError
 from moto.iam import access_control
 
 SUPPORTED_CONDITIONS = {"StringEquals"}
@@ -145,6 +146,20 @@ def permitted(documents, action, resource, context):
     return allowed
 
 
+class AccessDeniedException(JsonRESTError):
+    """The refusal as DynamoDB, KMS and Secrets Manager send it (moto's is an XML error the
+    JSON protocols' clients cannot classify)."""
+
+    code = 400
+
+    def __init__(self, user_arn, action, resource):
+        super().__init__(
+            "AccessDeniedException",
+            f"User: {user_arn} is not authorized to perform: {action} on resource: {resource} "
+            f"because no identity-based policy allows the {action} action",
+        )
+
+
 AUDIT_LOG = os.environ.get("MOTO_IAM_AUDIT_LOG")
 _audit_lock = threading.Lock()
 
@@ -167,7 +182,7 @@ def check_action_permitted(self, resource):
         _audit(self._access_key.arn, action, arn, allowed)
         if not allowed:
             print(f"AccessDenied: {self._access_key.arn} {action} on {arn}", file=sys.stderr, flush=True)
-            self._raise_access_denied()
+            raise AccessDeniedException(self._access_key.arn, action, arn)
 
 
 access_control.IAMRequestBase.check_action_permitted = check_action_permitted
