@@ -78,6 +78,7 @@ pub fn refresh_item() -> Budget {
             "store the result + re-read after a conflict, per attempt",
             AWS * 2 + WRITE_RETRY_PAUSE,
         )
+        .step("re-read after a failed write (did it land?)", AWS)
         .step("queue the unstored token", AWS)
         .step("or revoke it", REVOKE_TIMEOUT)
 }

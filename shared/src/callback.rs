@@ -11,7 +11,9 @@ use crate::context::{Endpoint, Environment, InitError};
 use crate::crypto::{CryptoError, Purpose, Sealer};
 use crate::http::{ApiError, FrontendRedirects, query_param, require_method};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
-use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, REFRESH_LEAD};
+use crate::model::{
+    AuthType, Connection, ConnectionStatus, Credentials, PendingRevocation, REFRESH_LEAD,
+};
 use crate::revocation::{INLINE_BUDGET, Revoker};
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
@@ -165,7 +167,8 @@ impl Callback {
                 match self.stored_after_all(&connection).await {
                     Some(true) => return Ok(connection),
                     Some(false) => self.revoke_abandoned(&tokens).await,
-                    None => {}
+                    // Queued, the job revokes them unless they turn out to be stored.
+                    None => self.queue_in_doubt(&connection).await,
                 }
                 Err(e.into())
             }
@@ -174,8 +177,8 @@ impl Callback {
 
     /// After a failed write: whether it landed anyway (its answer lost), `None` when that
     /// cannot be read either. Revoking tokens that are stored would break the connection, so
-    /// in doubt they are not revoked (a live token nobody holds is the smaller harm), and the
-    /// user is told the connect failed (they can simply try again).
+    /// in doubt they are queued rather than revoked, and the user is told the connect failed
+    /// (they can simply try again).
     async fn stored_after_all(&self, connection: &Connection) -> Option<bool> {
         match self
             .store
@@ -188,6 +191,15 @@ impl Callback {
                 tracing::warn!(event = "revocation_skipped", connection_id = %connection.id, error = %e, "cannot tell whether the new tokens were stored; not revoking them");
                 None
             }
+        }
+    }
+
+    /// Tokens whose write may or may not have landed are queued for revocation; the refresh
+    /// job revokes them only if they are not what the connection stores.
+    async fn queue_in_doubt(&self, connection: &Connection) {
+        let pending = PendingRevocation::for_connection(connection, OffsetDateTime::now_utc());
+        if let Err(e) = self.store.put_pending_revocation(&pending).await {
+            tracing::error!(event = "revocation_lost", connection_id = %connection.id, error = %e, "new tokens of unknown fate could neither be confirmed nor queued");
         }
     }
 

@@ -147,6 +147,8 @@ where
         });
     let message = DisplayErrorContext(&error).to_string();
     if refused {
+        // A policy or key policy missing an action, or a disabled key: the alarm pages.
+        tracing::error!(event = "aws_access_denied", service = "kms", error = %message, "KMS refused a call");
         CryptoError::Refused(message)
     } else {
         CryptoError::Unavailable(message)

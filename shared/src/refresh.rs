@@ -49,7 +49,8 @@ const REVOCATIONS_PER_RUN: usize = 500;
 /// Transient-failure backoff: 1 min, 2 min, 4 min … capped at 30 min.
 const BACKOFF_BASE_SECS: i64 = 60;
 const BACKOFF_MAX_SECS: i64 = 30 * 60;
-/// Attempts to store a refresh result (each one AWS call), and the pause between them.
+/// Attempts to store a refresh result (each one AWS call, and a read after a conflict), and
+/// the pause between them.
 pub const WRITE_ATTEMPTS: u32 = 3;
 pub const WRITE_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Never schedule the next refresh sooner than this (tokens with a very short life).
@@ -267,6 +268,24 @@ impl Refresher {
                 Err(e) => break Some(e),
             }
         };
+        // After a failed write, whether it landed anyway (every answer lost): `None` when
+        // even that cannot be read.
+        let stored = match &failure {
+            None => Some(false),
+            Some(_) => match self
+                .store
+                .get_connection(&updated.user_id, &updated.id)
+                .await
+            {
+                Ok(current) => Some(current.credentials == updated.credentials),
+                Err(StoreError::NotFound) => Some(false),
+                Err(_) => None,
+            },
+        };
+        if stored == Some(true) {
+            tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed (stored though its answer was lost)");
+            return (Outcome::Refreshed, Some(tokens.access_token));
+        }
         if let Some(e) = &failure {
             // Logged at error level: the alarm on refresh write failures counts these.
             tracing::error!(
@@ -278,8 +297,9 @@ impl Refresher {
             );
         }
         if let Some(token) = tokens.refresh_token.as_ref().filter(|_| rotated) {
-            // Klaviyo has rotated the token: the new refresh token is live and stored nowhere.
-            self.abandon(&updated, token).await;
+            // Klaviyo has rotated the token: the new refresh token is live and, as far as we
+            // can tell, stored nowhere.
+            self.abandon(&updated, token, stored == Some(false)).await;
         }
         match failure {
             Some(_) => (Outcome::WriteFailed, None),
@@ -331,16 +351,25 @@ impl Refresher {
     }
 
     /// Tokens Klaviyo issued that could not be stored are queued for revocation (the job
-    /// revokes them), or, if even that write fails, revoked at once; never left live.
-    async fn abandon(&self, unstored: &Connection, refresh_token: &Secret) {
+    /// revokes them unless they turn out to be stored after all). If even that write fails,
+    /// they are revoked at once when they are known not to be stored (`known_unstored`);
+    /// otherwise revoking could break a connection whose write landed, so they are left and
+    /// the event is raised.
+    async fn abandon(&self, unstored: &Connection, refresh_token: &Secret, known_unstored: bool) {
         let pending = PendingRevocation::for_connection(unstored, OffsetDateTime::now_utc());
         let Err(e) = self.store.put_pending_revocation(&pending).await else {
             tracing::warn!(event = "refresh_result_abandoned", connection_id = %unstored.id, pending_revocation_id = %pending.id, "unstored refresh token queued for revocation");
             return;
         };
-        if let Err(reason) = self.klaviyo.revoke(refresh_token).await {
-            tracing::error!(event = "revocation_lost", connection_id = %unstored.id, error = %e, reason = %reason, "a refresh token that could not be stored could neither be queued nor revoked");
-        }
+        let reason = if known_unstored {
+            match self.klaviyo.revoke(refresh_token).await {
+                Ok(()) => return,
+                Err(reason) => reason.to_string(),
+            }
+        } else {
+            "it may be stored after all (the write's outcome is unknown)".to_owned()
+        };
+        tracing::error!(event = "revocation_lost", connection_id = %unstored.id, error = %e, reason = %reason, "a refresh token that could not be stored could neither be queued nor revoked");
     }
 
     /// The refresh token was refused. Before giving up, re-read the stored connection: a
@@ -552,7 +581,8 @@ impl Refresh {
                 .await
             {
                 Ok(revocations) => {
-                    summary.revocations_finished = revocations.finished + revocations.expired
+                    summary.revocations_finished = revocations.finished + revocations.expired;
+                    summary.refused += revocations.refused;
                 }
                 Err(e @ StoreError::Refused(_)) => {
                     summary.refused += 1;

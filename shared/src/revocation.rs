@@ -5,7 +5,7 @@
 //! Whatever the inline attempt does not finish (Klaviyo down, the Lambda ending), the refresh
 //! job does. So a token is never just dropped.
 
-use crate::crypto::Sealer;
+use crate::crypto::{CryptoError, Sealer};
 use crate::klaviyo::{Klaviyo, KlaviyoError, REVOKE_TIMEOUT};
 use crate::model::{AuthType, Connection, PendingRevocation};
 use crate::secret::Secret;
@@ -42,9 +42,12 @@ pub enum Revocation {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PendingSummary {
     pub finished: u64,
-    /// The token could no longer be valid; the record was dropped.
+    /// The token could no longer be valid (or is the stored one after all); the record was
+    /// dropped.
     pub expired: u64,
     pub deferred: u64,
+    /// AWS refused a step (permissions, key state); left due, and the run fails.
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -206,6 +209,7 @@ impl Revoker {
                 Finished::Revoked => summary.finished += 1,
                 Finished::Expired => summary.expired += 1,
                 Finished::Deferred => summary.deferred += 1,
+                Finished::Refused => summary.refused += 1,
             }
         }
         Ok(summary)
@@ -231,6 +235,7 @@ impl Revoker {
                 return Finished::Expired;
             }
             Ok(_) | Err(StoreError::NotFound) => {}
+            Err(StoreError::Refused(_)) => return Finished::Refused,
             Err(e) => {
                 log_deferred(&pending, &e.to_string());
                 return Finished::Deferred;
@@ -241,6 +246,7 @@ impl Revoker {
                 Some(token) => self.klaviyo.revoke(token).await.map_err(|e| e.to_string()),
                 None => Ok(()),
             },
+            Err(CryptoError::Refused(_)) => return Finished::Refused,
             Err(e) => Err(e.to_string()),
         };
         match result {
@@ -279,6 +285,7 @@ enum Finished {
     Revoked,
     Expired,
     Deferred,
+    Refused,
 }
 
 fn job_backoff_secs(attempts: u32) -> i64 {

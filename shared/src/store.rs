@@ -70,6 +70,8 @@ where
             });
         let message = DisplayErrorContext(&error).to_string();
         if refused {
+            // A policy missing an action, or a missing table: the alarm on this event pages.
+            tracing::error!(event = "aws_access_denied", service = "dynamodb", error = %message, "DynamoDB refused a call");
             Self::Refused(message)
         } else {
             Self::Unavailable(message)

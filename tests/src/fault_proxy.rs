@@ -33,6 +33,9 @@ pub enum Failure {
     /// 5xx comes back instead), so the client's retry meets its own applied request. Not
     /// in `ALL`: it is a property of idempotency, not a failure to survive.
     LostAnswer,
+    /// Every time: each matching request takes effect and its answer is lost, so the client's
+    /// retries run out and it cannot tell whether its write landed.
+    LostAnswers,
 }
 
 impl Failure {
@@ -212,7 +215,7 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     };
     if let Some(fault) = fault {
         *shared.hits.lock().unwrap() += 1;
-        if fault.failure == Failure::LostAnswer {
+        if matches!(fault.failure, Failure::LostAnswer | Failure::LostAnswers) {
             let _applied = pass_on(&shared, request).await;
         }
         return fail(fault).await;
@@ -276,13 +279,13 @@ async fn fail(fault: Fault) -> Response {
             tokio::time::sleep(Duration::from_secs(120)).await;
             return StatusCode::GATEWAY_TIMEOUT.into_response();
         }
-        Failure::ServerError | Failure::LostAnswer if aws => (
+        Failure::ServerError | Failure::LostAnswer | Failure::LostAnswers if aws => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "application/x-amz-json-1.0",
             r#"{"__type":"InternalServerError","message":"injected fault"}"#,
             None,
         ),
-        Failure::ServerError | Failure::LostAnswer => (
+        Failure::ServerError | Failure::LostAnswer | Failure::LostAnswers => (
             StatusCode::SERVICE_UNAVAILABLE,
             "application/vnd.api+json",
             r#"{"errors":[{"status":"503","code":"service_unavailable","detail":"injected fault"}]}"#,

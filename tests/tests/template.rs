@@ -124,8 +124,10 @@ fn function_actions_match_the_service_of_their_resource() {
     }
 }
 
-const USE_ACTIONS: [&str; 7] = [
+const USE_ACTIONS: [&str; 9] = [
     "kms:CreateGrant",
+    "kms:GenerateDataKeyPair",
+    "kms:GenerateDataKeyPairWithoutPlaintext",
     "kms:Decrypt",
     "kms:Encrypt",
     "kms:GenerateDataKey",
