@@ -436,23 +436,8 @@ impl Store {
         connection: &Connection,
         expected_version: u64,
     ) -> Result<Connection, StoreError> {
-        let mut stored = connection.clone();
-        stored.version = expected_version + 1;
-        let item = to_item(ConnectionRecord::from(&stored)).map_err(corrupt)?;
-        let result = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_exists(pk) AND version = :expected")
-            .expression_attribute_values(":expected", number(expected_version as i64))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(stored),
-            Err(e) if is_condition_failure(&e) => Err(StoreError::Conflict),
-            Err(e) => Err(e.into()),
-        }
+        self.put_connection_if(connection, expected_version, None)
+            .await
     }
 
     /// Writes a refresh result: like `update_connection_if_version`, and only while `owner`
@@ -464,24 +449,36 @@ impl Store {
         owner: &str,
         now: OffsetDateTime,
     ) -> Result<Connection, StoreError> {
+        self.put_connection_if(connection, expected_version, Some((owner, now)))
+            .await
+    }
+
+    async fn put_connection_if(
+        &self,
+        connection: &Connection,
+        expected_version: u64,
+        lease: Option<(&str, OffsetDateTime)>,
+    ) -> Result<Connection, StoreError> {
         let mut stored = connection.clone();
         stored.version = expected_version + 1;
         let item = to_item(ConnectionRecord::from(&stored)).map_err(corrupt)?;
-        let result = self
+        let mut put = self
             .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
-            .condition_expression(
-                "attribute_exists(pk) AND version = :expected \
-                 AND lease_owner = :owner AND lease_until > :now",
-            )
-            .expression_attribute_values(":expected", number(expected_version as i64))
-            .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
-            .expression_attribute_values(":now", number(now.unix_timestamp()))
-            .send()
-            .await;
-        match result {
+            .expression_attribute_values(":expected", number(expected_version as i64));
+        put = match lease {
+            None => put.condition_expression("attribute_exists(pk) AND version = :expected"),
+            Some((owner, now)) => put
+                .condition_expression(
+                    "attribute_exists(pk) AND version = :expected \
+                     AND lease_owner = :owner AND lease_until > :now",
+                )
+                .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+                .expression_attribute_values(":now", number(now.unix_timestamp())),
+        };
+        match put.send().await {
             Ok(_) => Ok(stored),
             Err(e) if is_condition_failure(&e) => Err(StoreError::Conflict),
             Err(e) => Err(e.into()),

@@ -5,6 +5,7 @@
 //! here (see `lambda.rs`) meets the fault through its real SDK or HTTP client; clearing the
 //! fault lets the same process retry.
 
+use crate::lambda::LocalLambda;
 use axum::Router;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -326,4 +327,48 @@ async fn fail(fault: Fault) -> Response {
             .insert("retry-after", HeaderValue::from_static(seconds));
     }
     response
+}
+
+/// Proxies in front of moto and the sandbox, and functions that reach them only through
+/// those proxies.
+pub struct Stage {
+    pub aws: FaultProxy,
+    pub klaviyo: FaultProxy,
+}
+
+impl Stage {
+    pub async fn new() -> Self {
+        Self {
+            aws: FaultProxy::start(&crate::setting("AWS_ENDPOINT_URL")).await,
+            klaviyo: FaultProxy::start(&crate::sandbox_url()).await,
+        }
+    }
+
+    pub async fn function(&self, name: &str) -> LocalLambda {
+        let klaviyo = self.klaviyo.url();
+        LocalLambda::start(
+            name,
+            &[
+                ("AWS_ENDPOINT_URL", self.aws.url()),
+                ("KLAVIYO_OAUTH_BASE", klaviyo.clone()),
+                ("KLAVIYO_API_BASE", format!("{klaviyo}/api")),
+            ],
+        )
+        .await
+    }
+
+    fn proxy(&self, matcher: Matcher) -> &FaultProxy {
+        match matcher {
+            Matcher::AwsTarget(_) => &self.aws,
+            Matcher::Path(_) => &self.klaviyo,
+        }
+    }
+
+    pub async fn inject(&self, matcher: Matcher, failure: Failure) {
+        self.proxy(matcher).inject(Fault { matcher, failure }).await;
+    }
+
+    pub async fn clear(&self, matcher: Matcher) {
+        self.proxy(matcher).clear().await;
+    }
 }

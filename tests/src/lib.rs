@@ -229,6 +229,18 @@ pub async fn location(url: &str) -> String {
         .to_owned()
 }
 
+/// Klaviyo's redirect back to us, for a fresh authorization of `account` by `token`, as a
+/// request for a local callback function (`lambda::LocalLambda`).
+pub async fn callback_request(token: &str, account: &str) -> lambda::ApiRequest {
+    let auth = auth_url(token, None).await;
+    let callback = authorize(&auth, account, true).await;
+    let url = url::Url::parse(&callback).expect("callback URL");
+    lambda::ApiRequest::new(
+        "GET",
+        &format!("{}?{}", url.path(), url.query().unwrap_or("")),
+    )
+}
+
 /// `<FRONTEND_URL>/settings?<outcome>`.
 pub fn settings_page(outcome: &str) -> String {
     format!("{}/settings?{outcome}", setting("FRONTEND_URL"))

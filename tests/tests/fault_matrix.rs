@@ -5,12 +5,12 @@
 //! and succeeds on retry once the fault clears. The five failures of a step run
 //! concurrently, each with its own proxy and function processes.
 
-use e2e::fault_proxy::{Failure, Fault, FaultProxy, Matcher};
+use e2e::fault_proxy::{Failure, Matcher, Stage};
 use e2e::lambda::{ApiRequest, HttpReply, LocalLambda};
 use e2e::{
-    accounts_of, auth_url, authorize, connect_attempts, connected_id, klaviyo_account, location,
-    pending_revocations, refresh_tokens, register_api_key, sandbox_url, setting, settings_page,
-    token_for, unique,
+    accounts_of, authorize, callback_request, connect_attempts, connected_id, klaviyo_account,
+    location, pending_revocations, refresh_tokens, register_api_key, settings_page, token_for,
+    unique,
 };
 use futures::future::join_all;
 use serde_json::json;
@@ -23,50 +23,6 @@ const SECURITY_HEADERS: [&str; 5] = [
     "referrer-policy",
     "cache-control",
 ];
-
-/// Proxies in front of moto and the sandbox, and functions that reach them only through
-/// those proxies.
-struct Stage {
-    aws: FaultProxy,
-    klaviyo: FaultProxy,
-}
-
-impl Stage {
-    async fn new() -> Self {
-        Self {
-            aws: FaultProxy::start(&setting("AWS_ENDPOINT_URL")).await,
-            klaviyo: FaultProxy::start(&sandbox_url()).await,
-        }
-    }
-
-    async fn function(&self, name: &str) -> LocalLambda {
-        let klaviyo = self.klaviyo.url();
-        LocalLambda::start(
-            name,
-            &[
-                ("AWS_ENDPOINT_URL", self.aws.url()),
-                ("KLAVIYO_OAUTH_BASE", klaviyo.clone()),
-                ("KLAVIYO_API_BASE", format!("{klaviyo}/api")),
-            ],
-        )
-        .await
-    }
-
-    fn proxy(&self, matcher: Matcher) -> &FaultProxy {
-        match matcher {
-            Matcher::AwsTarget(_) => &self.aws,
-            Matcher::Path(_) => &self.klaviyo,
-        }
-    }
-
-    async fn inject(&self, matcher: Matcher, failure: Failure) {
-        self.proxy(matcher).inject(Fault { matcher, failure }).await;
-    }
-
-    async fn clear(&self, matcher: Matcher) {
-        self.proxy(matcher).clear().await;
-    }
-}
 
 /// Runs `cell` once per failure, all at once, and reports every failing cell together.
 async fn each_failure<F, Fut>(step: &str, cell: F)
@@ -121,18 +77,6 @@ fn redirected_to(reply: &HttpReply, outcome: &str, context: &str) {
         Some(settings_page(outcome).as_str()),
         "{context}"
     );
-}
-
-/// Klaviyo's redirect back to us, for a fresh authorization of `account` by `token`,
-/// as a request for a local callback function.
-async fn callback_request(token: &str, account: &str) -> ApiRequest {
-    let auth = auth_url(token, None).await;
-    let callback = authorize(&auth, account, true).await;
-    let url = url::Url::parse(&callback).expect("callback URL");
-    ApiRequest::new(
-        "GET",
-        &format!("{}?{}", url.path(), url.query().unwrap_or("")),
-    )
 }
 
 fn list(token: &str) -> ApiRequest {
