@@ -121,8 +121,8 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
             .step(secrets.0, secrets.1)
             .repeat(
                 crate::disconnect::ATTEMPTS,
-                "read + (transaction ∥ KMS Decrypt), per attempt",
-                AWS * 2,
+                "read + (transaction ∥ KMS Decrypt) + read of the queue item, per attempt",
+                AWS * 3,
             )
             .step("inline revocation", INLINE_BUDGET),
         // The job stops taking work DEADLINE_MARGIN before its deadline; what is in flight

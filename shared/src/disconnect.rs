@@ -5,7 +5,8 @@
 //! opened concurrently; then the refresh token is revoked at Klaviyo (with retries inside the
 //! request) and the pending revocation deleted. If Klaviyo cannot be reached, the disconnect
 //! still succeeds and the refresh job finishes the revocation. At most four sequential waits:
-//! read, transaction ∥ KMS, revoke, delete.
+//! read, transaction ∥ KMS, revoke, delete (a fifth, a read of the queue item, when the
+//! transaction's answer is not a success).
 
 use crate::auth::{JwtVerifier, UserId};
 use crate::context::{Endpoint, Environment, InitError};
@@ -92,8 +93,14 @@ impl Disconnect {
             );
             match removed {
                 Ok(()) => {}
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(unavailable("dynamodb", &e)),
+                // An attempt whose answer was lost may have landed (a retry then meets a
+                // transaction still in progress, or the connection already gone): the queue
+                // item, whose id only this request knows, tells.
+                Err(e) => match self.store.get_pending_revocation(&pending.id).await {
+                    Ok(_) => {}
+                    Err(_) if matches!(e, StoreError::Conflict) => continue,
+                    Err(_) => return Err(unavailable("dynamodb", &e)),
+                },
             }
             // The connection is gone and its token safely queued; now try to finish.
             return Ok(match opened.as_ref().map(Credentials::refresh_token) {

@@ -288,7 +288,11 @@ async fn main() {
     let mut callbacks = Vec::with_capacity(answers.len());
     let mut accounts = Vec::with_capacity(answers.len());
     for (i, answer) in answers.iter().enumerate() {
-        assert_eq!(status_of(answer), 200, "{answer}");
+        // A start the emulator was too slow for (its answers column counts them) has no flow
+        // to complete.
+        if status_of(answer) != 200 {
+            continue;
+        }
         let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
         let mut url = url::Url::parse(body["authUrl"].as_str().unwrap()).unwrap();
         let account = format!("B{}{i}", &run[..8]);
