@@ -287,6 +287,8 @@ async fn main() {
         .unwrap();
     let mut callbacks = Vec::with_capacity(answers.len());
     let mut accounts = Vec::with_capacity(answers.len());
+    // (user, token) of each flow that started, in the order of `accounts`.
+    let mut started = Vec::with_capacity(answers.len());
     for (i, answer) in answers.iter().enumerate() {
         // A start the emulator was too slow for (its answers column counts them) has no flow
         // to complete.
@@ -307,6 +309,7 @@ async fn main() {
             &format!("{}?{}", callback.path(), callback.query().unwrap_or("")),
         ));
         accounts.push(account);
+        started.push((&users[i], &tokens[i]));
     }
     let (row, answers) = measure("callback", &proxies, &callbacks).await;
     let failed = answers
@@ -341,11 +344,10 @@ async fn main() {
     rows.push(row);
 
     // disconnect: every connection made above (each revoked at the sandbox).
-    let deletes: Vec<ApiRequest> = users
+    let deletes: Vec<ApiRequest> = started
         .iter()
         .zip(&accounts)
-        .zip(&tokens)
-        .map(|((user, account), token)| {
+        .map(|((user, token), account)| {
             let id = Connection::id_for(&UserId::parse(user).unwrap(), account);
             ApiRequest::new("DELETE", &format!("/api/oauth/accounts/{id}"))
                 .bearer(token)
