@@ -18,7 +18,7 @@ use crate::store::Store;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
-use aws_sdk_secretsmanager::error::DisplayErrorContext;
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata};
 use lambda_http::{Body, Request, Response};
 use std::fmt;
 use std::future::Future;
@@ -126,9 +126,16 @@ impl Environment {
             .secret_id(arn)
             .send()
             .await
-            .map_err(|e| InitError::Secret {
-                setting,
-                reason: DisplayErrorContext(&e).to_string(),
+            .map_err(|e| {
+                let reason = DisplayErrorContext(&e).to_string();
+                if e.as_service_error()
+                    .and_then(ProvideErrorMetadata::code)
+                    .is_some_and(|code| code == "AccessDeniedException")
+                {
+                    // A policy missing the secret: the alarm on this event pages.
+                    tracing::error!(event = "aws_access_denied", service = "secretsmanager", error = %reason, "Secrets Manager refused a call");
+                }
+                InitError::Secret { setting, reason }
             })
             .inspect_err(log_failure)?;
         output
