@@ -17,22 +17,18 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from provision import load_template  # noqa: E402
+from provision import function_policies, load_template  # noqa: E402
 
 
 def granted_actions(template):
-    """{binary: {action}} from each function's Allow statements."""
+    """{binary: {action}} from each function's Allow statements (as provisioned)."""
     granted = {}
-    for resource in template["Resources"].values():
-        if resource["Type"] != "AWS::Serverless::Function":
-            continue
-        binary = resource["Metadata"]["BuildProperties"]["Binary"]
+    for binary, policy in function_policies(template, resolve=lambda value: value).items():
         actions = set()
-        for policy in resource["Properties"].get("Policies", []):
-            for statement in policy["Statement"]:
-                if statement.get("Effect") == "Allow":
-                    action = statement["Action"]
-                    actions.update(action if isinstance(action, list) else [action])
+        for statement in policy["Statement"]:
+            if statement.get("Effect") == "Allow":
+                action = statement["Action"]
+                actions.update(action if isinstance(action, list) else [action])
         granted[binary] = actions
     return granted
 

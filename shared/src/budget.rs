@@ -55,6 +55,11 @@ impl fmt::Display for Budget {
 const AWS: Duration = AWS_CALL_TIMEOUT;
 const KLAVIYO: Duration = REQUEST_TIMEOUT;
 
+/// An HTTP function's request starts with reading its secrets when start-up could not.
+fn http_request() -> Budget {
+    Budget::new().step("Secrets Manager (when start-up could not)", AWS)
+}
+
 /// Reading and replacing a connection, queueing the replaced token (`Revoker::replace`).
 fn replace(budget: Budget) -> Budget {
     budget
@@ -95,18 +100,15 @@ pub fn revocation_item() -> Budget {
 /// The worst case of the function whose binary is `binary`, given its Lambda `timeout`
 /// (the refresh job plans its work by its deadline). `None` for an unknown function.
 pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
-    let secrets = ("Secrets Manager (when start-up could not)", AWS);
     Some(match binary {
         // The slower of its two routes: an API key (the OAuth start is two AWS calls).
         "connect" => replace(
-            Budget::new()
-                .step(secrets.0, secrets.1)
+            http_request()
                 .step("rate-limit counter", AWS)
                 .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS)),
         ),
         "callback" => {
-            let budget = Budget::new()
-                .step(secrets.0, secrets.1)
+            let budget = http_request()
                 .step("consume the pending state", AWS)
                 .step("Klaviyo code exchange", KLAVIYO)
                 .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS));
@@ -114,11 +116,8 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
             // was after all (a lost answer), then the new token is revoked inline instead.
             replace(budget).step("re-read after a failed write", AWS)
         }
-        "accounts" => Budget::new()
-            .step(secrets.0, secrets.1)
-            .step("Query the user's connections", AWS),
-        "disconnect" => Budget::new()
-            .step(secrets.0, secrets.1)
+        "accounts" => http_request().step("Query the user's connections", AWS),
+        "disconnect" => http_request()
             .repeat(
                 crate::disconnect::ATTEMPTS,
                 "read + (transaction ∥ KMS Decrypt) + read of the queue item, per attempt",

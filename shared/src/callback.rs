@@ -182,11 +182,10 @@ impl Callback {
     async fn stored_after_all(&self, connection: &Connection) -> Option<bool> {
         match self
             .store
-            .get_connection(&connection.user_id, &connection.id)
+            .stores_credentials(&connection.user_id, &connection.id, &connection.credentials)
             .await
         {
-            Ok(current) => Some(current.credentials == connection.credentials),
-            Err(StoreError::NotFound) => Some(false),
+            Ok(stored) => Some(stored),
             Err(e) => {
                 tracing::warn!(event = "revocation_skipped", connection_id = %connection.id, error = %e, "cannot tell whether the new tokens were stored; not revoking them");
                 None

@@ -106,11 +106,6 @@ pub enum Outcome {
     Skipped,
 }
 
-/// Who must still hold the lease for a refresh result to be written.
-struct Fence<'a> {
-    owner: &'a str,
-}
-
 /// Refreshes one connection under its lease. Shared by the job and `AccessTokens`.
 #[derive(Debug, Clone)]
 pub struct Refresher {
@@ -164,45 +159,41 @@ impl Refresher {
         now: OffsetDateTime,
         owner: &str,
     ) -> (Outcome, Option<Secret>) {
-        let fence = Fence { owner };
         // One KMS call: the data key that opens the tokens also seals their successors.
         let (credentials, key) = match Credentials::open_with_key(&self.sealer, &connection).await {
             Ok(opened) => opened,
             Err(CryptoError::Unavailable(e)) => {
-                return (
-                    self.back_off(&connection, now, None, &e, &fence).await,
-                    None,
-                );
+                return (self.back_off(&connection, now, None, &e, owner).await, None);
             }
             // Not the tokens' fault: the lease expires and the connection stays due.
             Err(e @ CryptoError::Refused(_)) => return (refused(&connection.id, &e), None),
             Err(e) => {
                 return (
-                    self.needs_reauth(&connection, &e.to_string(), &fence).await,
+                    self.needs_reauth(&connection, &e.to_string(), owner).await,
                     None,
                 );
             }
         };
         let Some(refresh_token) = credentials.refresh_token() else {
             return (
-                self.needs_reauth(&connection, "no refresh token", &fence)
+                self.needs_reauth(&connection, "no refresh token", owner)
                     .await,
                 None,
             );
         };
         match self.klaviyo.refresh(refresh_token).await {
             Ok(tokens) => {
-                self.store_refreshed(&connection, refresh_token, tokens, &key, now, &fence)
+                self.store_refreshed(&connection, refresh_token, tokens, &key, now, owner)
                     .await
             }
-            Err(e) if e.is_invalid_grant() => (self.invalid_grant(&connection, &fence).await, None),
+            Err(e) if e.is_invalid_grant() => (self.invalid_grant(&connection, owner).await, None),
             Err(e) => {
                 let retry_after = match &e {
                     KlaviyoError::RateLimited { retry_after } => *retry_after,
                     _ => None,
                 };
                 (
-                    self.back_off(&connection, now, retry_after, &e.to_string(), &fence)
+                    self.back_off(&connection, now, retry_after, &e.to_string(), owner)
                         .await,
                     None,
                 )
@@ -217,7 +208,7 @@ impl Refresher {
         tokens: TokenSet,
         key: &DataKey,
         now: OffsetDateTime,
-        fence: &Fence<'_>,
+        owner: &str,
     ) -> (Outcome, Option<Secret>) {
         let rotated = tokens
             .refresh_token
@@ -236,7 +227,7 @@ impl Refresher {
                 Ok(sealed) => sealed,
                 Err(e) => {
                     return (
-                        self.needs_reauth(connection, &e.to_string(), fence).await,
+                        self.needs_reauth(connection, &e.to_string(), owner).await,
                         None,
                     );
                 }
@@ -252,7 +243,7 @@ impl Refresher {
         }
         let mut attempt = 1;
         let failure = loop {
-            match self.write_tokens(&updated, connection.version, fence).await {
+            match self.write_tokens(&updated, connection.version, owner).await {
                 Ok(()) => {
                     tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed");
                     return (Outcome::Refreshed, Some(tokens.access_token));
@@ -272,15 +263,11 @@ impl Refresher {
         // even that cannot be read.
         let stored = match &failure {
             None => Some(false),
-            Some(_) => match self
+            Some(_) => self
                 .store
-                .get_connection(&updated.user_id, &updated.id)
+                .stores_credentials(&updated.user_id, &updated.id, &updated.credentials)
                 .await
-            {
-                Ok(current) => Some(current.credentials == updated.credentials),
-                Err(StoreError::NotFound) => Some(false),
-                Err(_) => None,
-            },
+                .ok(),
         };
         if stored == Some(true) {
             tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed (stored though its answer was lost)");
@@ -312,15 +299,10 @@ impl Refresher {
         &self,
         updated: &Connection,
         expected_version: u64,
-        fence: &Fence<'_>,
+        owner: &str,
     ) -> Result<(), StoreError> {
         self.store
-            .update_leased_connection(
-                updated,
-                expected_version,
-                fence.owner,
-                OffsetDateTime::now_utc(),
-            )
+            .update_leased_connection(updated, expected_version, owner, OffsetDateTime::now_utc())
             .await
             .map(|_| ())
     }
@@ -332,20 +314,17 @@ impl Refresher {
         &self,
         updated: &Connection,
         expected_version: u64,
-        fence: &Fence<'_>,
+        owner: &str,
     ) -> Result<(), StoreError> {
-        match self.write(updated, expected_version, fence).await {
-            Err(StoreError::Conflict) => {
-                match self
-                    .store
-                    .get_connection(&updated.user_id, &updated.id)
-                    .await
-                {
-                    Ok(current) if current.credentials == updated.credentials => Ok(()),
-                    Ok(_) | Err(StoreError::NotFound) => Err(StoreError::Conflict),
-                    Err(e) => Err(e),
-                }
-            }
+        match self.write(updated, expected_version, owner).await {
+            Err(StoreError::Conflict) => match self
+                .store
+                .stores_credentials(&updated.user_id, &updated.id, &updated.credentials)
+                .await?
+            {
+                true => Ok(()),
+                false => Err(StoreError::Conflict),
+            },
             other => other,
         }
     }
@@ -374,10 +353,10 @@ impl Refresher {
 
     /// The refresh token was refused. Before giving up, re-read the stored connection: a
     /// concurrent rotation or reconnect may have replaced the token we used.
-    async fn invalid_grant(&self, used: &Connection, fence: &Fence<'_>) -> Outcome {
+    async fn invalid_grant(&self, used: &Connection, owner: &str) -> Outcome {
         match self.store.get_connection(&used.user_id, &used.id).await {
             Ok(current) if current.version != used.version => Outcome::Skipped,
-            Ok(current) => self.needs_reauth(&current, "invalid_grant", fence).await,
+            Ok(current) => self.needs_reauth(&current, "invalid_grant", owner).await,
             Err(StoreError::NotFound) => Outcome::Skipped,
             Err(e) => {
                 tracing::warn!(error = %e, "could not re-read a connection after invalid_grant");
@@ -387,17 +366,12 @@ impl Refresher {
     }
 
     /// Off the refresh schedule until the user reconnects; Klaviyo is not called again.
-    async fn needs_reauth(
-        &self,
-        connection: &Connection,
-        reason: &str,
-        fence: &Fence<'_>,
-    ) -> Outcome {
+    async fn needs_reauth(&self, connection: &Connection, reason: &str, owner: &str) -> Outcome {
         let mut updated = connection.clone();
         updated.status = ConnectionStatus::NeedsReauth;
         updated.refresh_due_at = None;
         updated.updated_at = OffsetDateTime::now_utc();
-        match self.write(&updated, connection.version, fence).await {
+        match self.write(&updated, connection.version, owner).await {
             Ok(()) => {
                 tracing::warn!(
                     event = "refresh_invalid_grant",
@@ -424,7 +398,7 @@ impl Refresher {
         now: OffsetDateTime,
         retry_after: Option<Duration>,
         reason: &str,
-        fence: &Fence<'_>,
+        owner: &str,
     ) -> Outcome {
         let failures = connection.refresh_failures.saturating_add(1);
         let delay_secs = match retry_after {
@@ -442,7 +416,7 @@ impl Refresher {
             reason,
             "refresh failed; tokens kept, retrying later"
         );
-        match self.write(&updated, connection.version, fence).await {
+        match self.write(&updated, connection.version, owner).await {
             Ok(()) | Err(StoreError::Conflict) | Err(StoreError::NotFound) => Outcome::Failed,
             Err(e) => {
                 // The lease expires on its own; the connection stays due and is retried.

@@ -150,42 +150,38 @@ impl Revoker {
             if let Some(token) = credentials.refresh_token() {
                 self.revoke_now(token).await.map_err(|e| e.to_string())?;
             }
-            self.forget(pending).await;
-            Ok::<_, String>(Revocation::Revoked)
+            Ok(())
         };
-        match tokio::time::timeout(INLINE_BUDGET, attempt).await {
-            Ok(Ok(revocation)) => revocation,
-            Ok(Err(reason)) => {
-                log_deferred(pending, &reason);
-                Revocation::Deferred
-            }
-            Err(_) => {
-                log_deferred(pending, "the inline budget ran out");
-                Revocation::Deferred
-            }
-        }
+        self.finish_inline(pending, attempt).await
     }
 
     /// Finishes a queued revocation whose token is at hand (disconnect): on success the
     /// queue item, the last copy of the token, is deleted; otherwise it stays for the job.
     /// Bounded by `INLINE_BUDGET`.
     pub async fn finish_queued(&self, pending: &PendingRevocation, token: &Secret) -> Revocation {
-        let attempt = async {
-            self.revoke_now(token).await?;
+        let attempt = async { self.revoke_now(token).await.map_err(|e| e.to_string()) };
+        self.finish_inline(pending, attempt).await
+    }
+
+    /// Runs a revocation `attempt` within `INLINE_BUDGET` and, when it succeeds, deletes the
+    /// queue item; otherwise the item stays for the refresh job.
+    async fn finish_inline(
+        &self,
+        pending: &PendingRevocation,
+        attempt: impl std::future::Future<Output = Result<(), String>>,
+    ) -> Revocation {
+        let finished = async {
+            attempt.await?;
             self.forget(pending).await;
-            Ok::<_, KlaviyoError>(())
+            Ok::<_, String>(())
         };
-        match tokio::time::timeout(INLINE_BUDGET, attempt).await {
-            Ok(Ok(())) => Revocation::Revoked,
-            Ok(Err(e)) => {
-                log_deferred(pending, &e.to_string());
-                Revocation::Deferred
-            }
-            Err(_) => {
-                log_deferred(pending, "the inline budget ran out");
-                Revocation::Deferred
-            }
-        }
+        let reason = match tokio::time::timeout(INLINE_BUDGET, finished).await {
+            Ok(Ok(())) => return Revocation::Revoked,
+            Ok(Err(reason)) => reason,
+            Err(_) => "the inline budget ran out".to_owned(),
+        };
+        log_deferred(pending, &reason);
+        Revocation::Deferred
     }
 
     /// The refresh job's step: try due pending revocations once each, `JOB_CONCURRENCY` at a
@@ -227,14 +223,18 @@ impl Revoker {
         // all: it is the connection's live token then, and must not be revoked.
         match self
             .store
-            .get_connection(&pending.user_id, &pending.connection_id)
+            .stores_credentials(
+                &pending.user_id,
+                &pending.connection_id,
+                &pending.credentials,
+            )
             .await
         {
-            Ok(current) if current.credentials == pending.credentials => {
+            Ok(true) => {
                 self.forget(&pending).await;
                 return Finished::Expired;
             }
-            Ok(_) | Err(StoreError::NotFound) => {}
+            Ok(false) => {}
             Err(StoreError::Refused(_)) => return Finished::Refused,
             Err(e) => {
                 log_deferred(&pending, &e.to_string());

@@ -291,6 +291,21 @@ impl Store {
         decode_connection(item)
     }
 
+    /// Whether the connection stores exactly `credentials` now: how a writer whose answer was
+    /// lost tells that its write landed (a fresh nonce makes every sealed blob unique).
+    pub async fn stores_credentials(
+        &self,
+        user_id: &UserId,
+        connection_id: &str,
+        credentials: &SealedBlob,
+    ) -> Result<bool, StoreError> {
+        match self.get_connection(user_id, connection_id).await {
+            Ok(current) => Ok(current.credentials == *credentials),
+            Err(StoreError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The user's connections, newest first (one paginated Query on the user's partition).
     pub async fn list_connections(&self, user_id: &UserId) -> Result<Vec<Connection>, StoreError> {
         let items: Vec<Item> = self
@@ -409,14 +424,15 @@ impl Store {
             // The revocation id is random: only this request can have written it, so an
             // attempt whose answer was lost landed and the SDK's retry met it.
             Some(failed) if failed.get(1) == Some(&true) => Ok(stored),
+            // Ours too if the stored credentials are the ones just sealed. Unknown whether it
+            // landed (the read failed) is not a conflict: a retry would re-read.
             Some(failed) if failed.first() == Some(&true) => {
-                // Ours too if the stored credentials are the ones just sealed (a fresh nonce
-                // makes every sealed blob unique).
-                match self.get_connection(&stored.user_id, &stored.id).await {
-                    Ok(current) if current.credentials == stored.credentials => Ok(current),
-                    Ok(_) | Err(StoreError::NotFound) => Err(StoreError::Conflict),
-                    // Unknown whether it landed: not a conflict (a retry would re-read).
-                    Err(e) => Err(e),
+                match self
+                    .stores_credentials(&stored.user_id, &stored.id, &stored.credentials)
+                    .await?
+                {
+                    true => Ok(stored),
+                    false => Err(StoreError::Conflict),
                 }
             }
             Some(_) => Err(StoreError::Conflict),
