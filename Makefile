@@ -13,6 +13,18 @@ test:
 fuzz:
 	scripts/test.sh --fuzz
 
-## Build the release arm64 zips SAM deploys and print their sizes.
+## `sam build`: the release arm64 artefacts `sam deploy` ships, and their sizes.
 package:
 	scripts/package.sh
+
+# Run by `sam build` for each function (template.yaml: BuildMethod: makefile).
+build-ConnectFunction:
+	scripts/lambda-artifact.sh connect
+build-CallbackFunction:
+	scripts/lambda-artifact.sh callback
+build-AccountsFunction:
+	scripts/lambda-artifact.sh accounts
+build-DisconnectFunction:
+	scripts/lambda-artifact.sh disconnect
+build-RefreshFunction:
+	scripts/lambda-artifact.sh refresh
