@@ -1,5 +1,5 @@
 # The two commands (see README.md). Everything they need is installed into .venv by them.
-.PHONY: dev test fuzz package
+.PHONY: dev test fuzz package check-deployed
 
 ## Run the whole system locally: local AWS, the functions under cargo lambda watch.
 dev:
@@ -16,6 +16,13 @@ fuzz:
 ## `sam build`: the release arm64 artefacts `sam deploy` ships, and their sizes.
 package:
 	scripts/package.sh
+
+## Check that a deployed stack answers (STACK=name, default klaviyo-connect; AWS credentials
+## from the environment).
+STACK ?= klaviyo-connect
+check-deployed:
+	scripts/venv.sh
+	.venv/bin/python scripts/check_deployed.py --stack "$(STACK)"
 
 # Run by `sam build` for each function (template.yaml: BuildMethod: makefile).
 build-ConnectFunction:

@@ -23,7 +23,7 @@ def main():
     user_id = sys.argv[1]
     ttl = int(sys.argv[2]) if len(sys.argv) > 2 else 3600
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    key = boto3.client("secretsmanager", region_name=region).get_secret_value(SecretId=os.environ["JWT_SECRET_ARN"])["SecretString"]
+    key = boto3.client("secretsmanager", region_name=region).get_secret_value(SecretId=os.environ["JWT_SECRET_ARN"])["SecretString"].strip()
     now = int(time.time())
     claims = {"sub": user_id, "iat": now, "exp": now + ttl}
     if os.environ.get("JWT_ISSUER"):

@@ -246,7 +246,9 @@ def main():
         "JWT_ISSUER": "klaviyo-connect-local",
         "JWT_AUDIENCE": "klaviyo-connect",
         "FRONTEND_URL": args.frontend_url,
-        "ALLOWED_ORIGINS": args.frontend_url,
+        # Added to the frontend's own origin (always allowed): the same page under its other
+        # local name, so both kinds of allowed origin are exercised.
+        "ALLOWED_ORIGINS": args.frontend_url.replace("127.0.0.1", "localhost"),
         "LOCAL_API_URL": args.api_url,
     }
     for name, value in env.items():

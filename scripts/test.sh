@@ -93,6 +93,10 @@ scripts/fuzz.sh 25 90
 step "The settings page in Chromium (playwright-core)"
 scripts/browser-test.sh
 
+step "The deploy check (make check-deployed) against the local stack"
+.venv/bin/python scripts/check_deployed.py --api-url "$LOCAL_API_URL" --jwt-secret-arn "$JWT_SECRET_ARN" \
+  --frontend-url "$FRONTEND_URL" --issuer "$JWT_ISSUER" --audience "$JWT_AUDIENCE"
+
 step "IAM audit: each function used every action template.yaml grants it, and was refused none"
 .venv/bin/python scripts/iam_audit.py "$LOCAL_STACK_DIR/iam-audit.jsonl" --template template.yaml
 step "Disk after: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target $(du -sh target | cut -f1), .venv $(du -sh .venv | cut -f1)"

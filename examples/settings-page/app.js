@@ -76,7 +76,7 @@ async function api(method, path, body) {
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {
-    throw new ApiError(0, "network", "The service could not be reached. Check your connection and try again.");
+    throw new ApiError(0, "network", "The service could not be reached or is busy. Please try again in a moment.");
   }
   let data = null;
   try {

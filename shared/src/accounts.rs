@@ -1,5 +1,7 @@
 //! `GET /api/oauth/accounts`: the caller's connections, newest first. One DynamoDB Query on
-//! the caller's partition and no KMS call: the view never includes credentials.
+//! the caller's partition and no KMS call: the view never includes credentials. Every other
+//! path comes here too (the `$default` route) and gets 404 `not_found` in the one error shape,
+//! with CORS headers, so a browser can read it.
 
 use crate::auth::JwtVerifier;
 use crate::context::{Endpoint, Environment, InitError};
@@ -55,6 +57,8 @@ struct ListBody {
     accounts: Vec<AccountView>,
 }
 
+const ROUTE: &str = "/api/oauth/accounts";
+
 pub struct Accounts {
     auth: JwtVerifier,
     store: Store,
@@ -69,6 +73,10 @@ impl Endpoint for Accounts {
     }
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
+        // This function also answers every path no route names (API Gateway's `$default`).
+        if !matches!(req.uri().path(), ROUTE | "/api/oauth/accounts/") {
+            return Err(ApiError::NotFound("There is no such route."));
+        }
         require_method(req, Method::GET, "GET, OPTIONS")?;
         let user = self.auth.authenticate(req)?;
         let connections = self

@@ -8,7 +8,9 @@
 //! `AWS_CALL_TIMEOUT` (retries included), a Klaviyo call at `REQUEST_TIMEOUT`, an inline
 //! revocation at `INLINE_BUDGET`; concurrent steps count as their slowest one. Secrets are
 //! counted once: an HTTP function that could not read them at start-up reads them on its
-//! first request.
+//! first request. A call Klaviyo refuses with `invalid_client` may read the client secret
+//! again and be made once more (`crate::klaviyo`); inline revocations stay inside their
+//! budget either way.
 
 use crate::context::AWS_CALL_TIMEOUT;
 use crate::klaviyo::{REQUEST_TIMEOUT, REVOKE_TIMEOUT};
@@ -78,6 +80,10 @@ pub fn refresh_item() -> Budget {
         .step("take the lease", AWS)
         .step("KMS Decrypt", AWS)
         .step("Klaviyo token refresh", KLAVIYO)
+        .step(
+            "after invalid_client: the secret again, the refresh again",
+            AWS + KLAVIYO,
+        )
         .repeat(
             WRITE_ATTEMPTS,
             "store the result + re-read after a conflict, per attempt",
@@ -94,6 +100,10 @@ pub fn revocation_item() -> Budget {
         .step("read the connection (is the token stored after all?)", AWS)
         .step("KMS Decrypt", AWS)
         .step("Klaviyo revoke", REVOKE_TIMEOUT)
+        .step(
+            "after invalid_client: the secret again, the revoke again",
+            AWS + REVOKE_TIMEOUT,
+        )
         .step("delete or reschedule", AWS)
 }
 
@@ -111,6 +121,10 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
             let budget = http_request()
                 .step("consume the pending state", AWS)
                 .step("Klaviyo code exchange", KLAVIYO)
+                .step(
+                    "after invalid_client: the secret again, the exchange again",
+                    AWS + KLAVIYO,
+                )
                 .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS));
             // Stored: the replaced token is revoked inline. Not stored: a read tells whether it
             // was after all (a lost answer), then the new token is revoked inline instead.

@@ -40,7 +40,8 @@ pub struct Config {
     pub jwt: JwtConfig,
     /// Where the browser is sent after the OAuth callback; no trailing slash.
     pub frontend_url: Url,
-    /// Exact origins (`scheme://host[:port]`) allowed to call the API from a browser.
+    /// Exact origins (`scheme://host[:port]`) allowed to call the API from a browser: the
+    /// frontend's own, and any `ALLOWED_ORIGINS` adds.
     pub allowed_origins: Vec<String>,
     /// Connections the refresh job works on at once (`REFRESH_CONCURRENCY`, 1–256).
     pub refresh_concurrency: usize,
@@ -100,10 +101,15 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Lookup(&lookup);
         let frontend_url = env.frontend_url("FRONTEND_URL")?;
-        let allowed_origins = match env.optional("ALLOWED_ORIGINS") {
-            Some(list) => parse_origins("ALLOWED_ORIGINS", &list)?,
-            None => vec![frontend_url.origin().ascii_serialization()],
-        };
+        // The frontend's own origin always; ALLOWED_ORIGINS adds to it.
+        let mut allowed_origins = vec![frontend_url.origin().ascii_serialization()];
+        if let Some(list) = env.optional("ALLOWED_ORIGINS") {
+            for origin in parse_origins("ALLOWED_ORIGINS", &list)? {
+                if !allowed_origins.contains(&origin) {
+                    allowed_origins.push(origin);
+                }
+            }
+        }
         Ok(Self {
             table_name: env.table_name("TABLE_NAME")?,
             kms_key_id: env.token("KMS_KEY_ID")?,
@@ -440,14 +446,19 @@ mod tests {
         );
         vars.insert(
             "ALLOWED_ORIGINS",
-            "http://127.0.0.1:9300, http://localhost:9300",
+            "http://127.0.0.1:9300, http://localhost:9300, https://app.example.com",
         );
         vars.insert("KLAVIYO_API_REVISION", "2026-01-15.pre");
         let config = load(&vars).unwrap();
         assert_eq!(config.klaviyo.oauth_base.as_str(), "http://127.0.0.1:9100/");
+        // The frontend's own origin first, then the ones ALLOWED_ORIGINS adds, once each.
         assert_eq!(
             config.allowed_origins,
-            vec!["http://127.0.0.1:9300", "http://localhost:9300"]
+            vec![
+                "https://app.example.com",
+                "http://127.0.0.1:9300",
+                "http://localhost:9300"
+            ]
         );
         assert_eq!(config.klaviyo.api_revision, "2026-01-15.pre");
     }

@@ -1,6 +1,9 @@
 //! Start-up: what every function builds once per container. Configuration is read and
 //! validated, AWS is configured once (timeouts, retries, `AWS_ENDPOINT_URL`), and the
-//! secrets a function needs are fetched from Secrets Manager once and kept.
+//! secrets a function needs are fetched from Secrets Manager once and kept. The Klaviyo client
+//! secret is read again when Klaviyo rejects it (`crate::klaviyo`) and by the refresh job at
+//! the start of every run, so putting a new value takes effect without a redeploy. Secret
+//! values are trimmed: a key put with a trailing newline is the key.
 //!
 //! A bad setting stops start-up (nothing can fix it but a deploy). Secrets Manager being
 //! down does not: an HTTP function that could not fetch its secrets at start-up answers 503
@@ -11,7 +14,7 @@ use crate::auth::JwtVerifier;
 use crate::config::{Config, ConfigError};
 use crate::crypto::Sealer;
 use crate::http::{ApiError, FrontendRedirects, Web};
-use crate::klaviyo::Klaviyo;
+use crate::klaviyo::{ClientSecretSource, Klaviyo};
 use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::Store;
@@ -22,6 +25,8 @@ use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata};
 use lambda_http::{Body, Request, Response};
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OnceCell;
 
@@ -82,7 +87,8 @@ impl Environment {
     pub async fn jwt_verifier(&self) -> Result<JwtVerifier, InitError> {
         let key = self
             .secret("JWT_SECRET_ARN", &self.config.jwt.secret_arn)
-            .await?;
+            .await
+            .inspect_err(log_failure)?;
         let jwt = &self.config.jwt;
         Ok(JwtVerifier::hs256(
             &key,
@@ -91,17 +97,25 @@ impl Environment {
         ))
     }
 
-    /// Fetches the Klaviyo client secret once and builds the client.
+    /// Fetches the Klaviyo client secret and builds the client, which reads it again from
+    /// the same place when Klaviyo rejects it.
     pub async fn klaviyo(&self) -> Result<Klaviyo, InitError> {
         let secret = self
-            .secret(
-                "KLAVIYO_CLIENT_SECRET_ARN",
-                &self.config.klaviyo.client_secret_arn,
-            )
-            .await?;
-        Klaviyo::new(&self.config.klaviyo, &secret)
+            .klaviyo_client_secret()
+            .await
+            .inspect_err(log_failure)?;
+        let klaviyo = Klaviyo::new(&self.config.klaviyo, &secret)
             .map_err(InitError::Klaviyo)
-            .inspect_err(log_failure)
+            .inspect_err(log_failure)?;
+        Ok(klaviyo.with_secret_source(Arc::new(KlaviyoClientSecret(self.clone()))))
+    }
+
+    async fn klaviyo_client_secret(&self) -> Result<Secret, InitError> {
+        self.secret(
+            "KLAVIYO_CLIENT_SECRET_ARN",
+            &self.config.klaviyo.client_secret_arn,
+        )
+        .await
     }
 
     /// Both secrets at once: start-up waits for one Secrets Manager round trip, not two.
@@ -136,17 +150,30 @@ impl Environment {
                     tracing::error!(event = "aws_access_denied", service = "secretsmanager", error = %reason, "Secrets Manager refused a call");
                 }
                 InitError::Secret { setting, reason }
-            })
-            .inspect_err(log_failure)?;
+            })?;
         output
             .secret_string
-            .filter(|s| !s.trim().is_empty())
+            .map(|value| value.trim().to_owned())
+            .filter(|value| !value.is_empty())
             .map(Secret::new)
             .ok_or(InitError::Secret {
                 setting,
                 reason: "the secret has no SecretString value".into(),
             })
-            .inspect_err(log_failure)
+    }
+}
+
+/// The Klaviyo client secret in Secrets Manager, read again on demand.
+struct KlaviyoClientSecret(Environment);
+
+impl ClientSecretSource for KlaviyoClientSecret {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>> {
+        Box::pin(async move {
+            self.0
+                .klaviyo_client_secret()
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

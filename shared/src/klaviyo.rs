@@ -5,6 +5,12 @@
 //! token endpoint can never bounce credentials elsewhere). Token and revoke calls use HTTP
 //! Basic client authentication and form bodies, as Klaviyo requires. 429 and 5xx answers are
 //! surfaced as `KlaviyoError::RateLimited` / `Unavailable` with Klaviyo's `Retry-After`.
+//!
+//! The client secret can change while a container lives (the operator puts the real one
+//! after the first deploy, or rotates it). When Klaviyo answers `invalid_client` the client
+//! logs `klaviyo_client_rejected` at error level (an alarm pages on it: nothing can work until
+//! the secret is right) and, at most once per `SECRET_RELOAD_INTERVAL`, reads the secret again
+//! from its `ClientSecretSource`; if it changed, the call is made once more with the new one.
 
 use crate::config::KlaviyoConfig;
 use crate::secret::Secret;
@@ -20,7 +26,8 @@ use serde::Deserialize;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 /// Bytes of randomness in `state` and in the PKCE verifier (43 base64url characters each).
@@ -33,6 +40,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest response body read from Klaviyo; real ones are a few KB.
 const MAX_RESPONSE_BODY: usize = 256 * 1024;
+/// A rejected client secret is read again at most this often per container.
+pub const SECRET_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
 
 type OAuthClient =
     BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
@@ -58,6 +67,12 @@ impl KlaviyoError {
     /// The refresh token (or code) is no longer valid: the user must reconnect.
     pub fn is_invalid_grant(&self) -> bool {
         matches!(self, Self::Rejected { code } if code == "invalid_grant")
+    }
+
+    /// Klaviyo refused our client credentials: a configuration fault (the client secret is
+    /// wrong), not the user's and not transient. Nothing can succeed until it is fixed.
+    pub fn is_invalid_client(&self) -> bool {
+        matches!(self, Self::Rejected { code } if code == "invalid_client")
     }
 
     /// Worth retrying later with the same credentials.
@@ -108,13 +123,35 @@ pub enum ApiCredential<'a> {
     ApiKey(&'a Secret),
 }
 
+/// Where the client secret is kept (Secrets Manager), so that a rejected one can be read
+/// again without a restart.
+pub trait ClientSecretSource: Send + Sync {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>>;
+}
+
+/// The client credentials as last read: the OAuth client carrying them, and the secret for
+/// the calls made without it (revocation).
+struct ClientCredentials {
+    oauth: OAuthClient,
+    secret: Secret,
+}
+
+/// Reading the secret again: from where, and when it was last read.
+struct Reload {
+    source: Arc<dyn ClientSecretSource>,
+    /// Held while reading, so concurrent rejections cause one read.
+    loaded_at: tokio::sync::Mutex<Instant>,
+}
+
 #[derive(Clone)]
 pub struct Klaviyo {
     http: reqwest::Client,
     oauth_http: OAuthHttp,
-    oauth: OAuthClient,
+    /// The OAuth client without a secret; `credentials` holds it with the current one.
+    unauthenticated: OAuthClient,
+    credentials: Arc<RwLock<Arc<ClientCredentials>>>,
+    reload: Option<Arc<Reload>>,
     client_id: String,
-    client_secret: Secret,
     revoke_url: String,
     scopes: Vec<String>,
     accounts_url: String,
@@ -141,22 +178,116 @@ impl Klaviyo {
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
         let url_error = |e: url::ParseError| format!("Klaviyo URL: {e}");
-        let oauth = BasicClient::new(ClientId::new(config.client_id.clone()))
-            .set_client_secret(ClientSecret::new(client_secret.expose().to_owned()))
+        let unauthenticated = BasicClient::new(ClientId::new(config.client_id.clone()))
             .set_auth_uri(AuthUrl::from_url(config.authorize_url.clone()))
             .set_token_uri(TokenUrl::new(config.token_url()).map_err(url_error)?)
             .set_redirect_uri(RedirectUrl::from_url(config.redirect_uri.clone()));
+        let credentials = credentials(&unauthenticated, client_secret);
         Ok(Self {
             oauth_http: OAuthHttp(http.clone()),
             http,
-            oauth,
+            unauthenticated,
+            credentials: Arc::new(RwLock::new(credentials)),
+            reload: None,
             client_id: config.client_id.clone(),
-            client_secret: client_secret.clone(),
             revoke_url: config.revoke_url(),
             scopes: config.scopes.clone(),
             accounts_url: config.accounts_url(),
             revision: config.api_revision.clone(),
         })
+    }
+
+    /// Reads the client secret again from `source` after `invalid_client` (and when
+    /// `reload_client_secret` asks), the one it was built with counting as just read.
+    pub fn with_secret_source(mut self, source: Arc<dyn ClientSecretSource>) -> Self {
+        self.reload = Some(Arc::new(Reload {
+            source,
+            loaded_at: tokio::sync::Mutex::new(Instant::now()),
+        }));
+        self
+    }
+
+    /// Reads the client secret again unless it was read within `fresh` (the refresh job does
+    /// this at the start of every run). `Ok(true)` when it changed.
+    pub async fn reload_client_secret(&self, fresh: Duration) -> Result<bool, String> {
+        let Some(reload) = &self.reload else {
+            return Ok(false);
+        };
+        let mut loaded_at = reload.loaded_at.lock().await;
+        if loaded_at.elapsed() < fresh {
+            return Ok(false);
+        }
+        let secret = reload.source.fetch().await?;
+        *loaded_at = Instant::now();
+        Ok(self.replace_secret(&secret))
+    }
+
+    fn current(&self) -> Arc<ClientCredentials> {
+        self.credentials
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs `secret` unless it is the one in use; `true` if it was new.
+    fn replace_secret(&self, secret: &Secret) -> bool {
+        let mut current = self.credentials.write().unwrap_or_else(|p| p.into_inner());
+        if current.secret == *secret {
+            return false;
+        }
+        *current = credentials(&self.unauthenticated, secret);
+        tracing::info!(
+            event = "klaviyo_client_secret_reloaded",
+            "a new Klaviyo client secret is in use"
+        );
+        true
+    }
+
+    /// Runs a call that authenticates as the client. On `invalid_client` the secret is read
+    /// again (at most once per `SECRET_RELOAD_INTERVAL`, or when another call already did)
+    /// and, if it changed, the call is made once more.
+    async fn as_client<T, F, Fut>(&self, call: F) -> Result<T, KlaviyoError>
+    where
+        F: Fn(Arc<ClientCredentials>) -> Fut,
+        Fut: Future<Output = Result<T, KlaviyoError>>,
+    {
+        let used = self.current();
+        let error = match call(used.clone()).await {
+            Err(error) if error.is_invalid_client() => error,
+            other => return other,
+        };
+        log_client_rejected();
+        if !self.reloaded_since(&used).await {
+            return Err(error);
+        }
+        call(self.current()).await.inspect_err(|e| {
+            if e.is_invalid_client() {
+                log_client_rejected();
+            }
+        })
+    }
+
+    /// Whether a secret other than `used` is in use now, reading it again if allowed.
+    async fn reloaded_since(&self, used: &Arc<ClientCredentials>) -> bool {
+        let Some(reload) = &self.reload else {
+            return false;
+        };
+        let mut loaded_at = reload.loaded_at.lock().await;
+        if !Arc::ptr_eq(&self.current(), used) {
+            return true;
+        }
+        if loaded_at.elapsed() < SECRET_RELOAD_INTERVAL {
+            return false;
+        }
+        let secret = match reload.source.fetch().await {
+            Ok(secret) => secret,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the Klaviyo client secret again");
+                return false;
+            }
+        };
+        *loaded_at = Instant::now();
+        self.replace_secret(&secret)
     }
 
     pub fn requested_scopes(&self) -> &[String] {
@@ -167,7 +298,7 @@ impl Klaviyo {
     pub fn authorization_request(&self) -> AuthorizationRequest {
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256_len(RANDOM_BYTES);
         let (url, state) = self
-            .oauth
+            .unauthenticated
             .authorize_url(|| CsrfToken::new_random_len(RANDOM_BYTES))
             .add_scopes(self.scopes.iter().cloned().map(Scope::new))
             .set_pkce_challenge(challenge)
@@ -186,12 +317,16 @@ impl Klaviyo {
         code_verifier: &Secret,
     ) -> Result<TokenSet, KlaviyoError> {
         let response = self
-            .oauth
-            .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
-            .set_pkce_verifier(PkceCodeVerifier::new(code_verifier.expose().to_owned()))
-            .request_async(&self.oauth_http)
-            .await
-            .map_err(token_error)?;
+            .as_client(|client| async move {
+                client
+                    .oauth
+                    .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
+                    .set_pkce_verifier(PkceCodeVerifier::new(code_verifier.expose().to_owned()))
+                    .request_async(&self.oauth_http)
+                    .await
+                    .map_err(token_error)
+            })
+            .await?;
         let tokens = token_set(&response);
         if tokens.refresh_token.is_none() {
             return Err(KlaviyoError::Malformed(
@@ -205,11 +340,18 @@ impl Klaviyo {
     pub async fn refresh(&self, refresh_token: &Secret) -> Result<TokenSet, KlaviyoError> {
         let token = RefreshToken::new(refresh_token.expose().to_owned());
         let response = self
-            .oauth
-            .exchange_refresh_token(&token)
-            .request_async(&self.oauth_http)
-            .await
-            .map_err(token_error)?;
+            .as_client(|client| {
+                let token = &token;
+                async move {
+                    client
+                        .oauth
+                        .exchange_refresh_token(token)
+                        .request_async(&self.oauth_http)
+                        .await
+                        .map_err(token_error)
+                }
+            })
+            .await?;
         Ok(token_set(&response))
     }
 
@@ -218,11 +360,20 @@ impl Klaviyo {
     /// revoked. Sent directly rather than through `oauth2`, whose revocation refuses any
     /// endpoint that is not https (the local sandbox is http on loopback).
     pub async fn revoke(&self, refresh_token: &Secret) -> Result<(), KlaviyoError> {
+        self.as_client(|client| self.revoke_as(client, refresh_token))
+            .await
+    }
+
+    async fn revoke_as(
+        &self,
+        client: Arc<ClientCredentials>,
+        refresh_token: &Secret,
+    ) -> Result<(), KlaviyoError> {
         let response = self
             .http
             .post(&self.revoke_url)
             .timeout(REVOKE_TIMEOUT)
-            .basic_auth(&self.client_id, Some(self.client_secret.expose()))
+            .basic_auth(&self.client_id, Some(client.secret.expose()))
             .form(&[
                 ("token", refresh_token.expose()),
                 ("token_type_hint", "refresh_token"),
@@ -284,6 +435,23 @@ impl Klaviyo {
         let body = read_limited(response, MAX_RESPONSE_BODY).await?;
         parse_account(&body)
     }
+}
+
+fn credentials(unauthenticated: &OAuthClient, secret: &Secret) -> Arc<ClientCredentials> {
+    Arc::new(ClientCredentials {
+        oauth: unauthenticated
+            .clone()
+            .set_client_secret(ClientSecret::new(secret.expose().to_owned())),
+        secret: secret.clone(),
+    })
+}
+
+/// Logged at error level: the KlaviyoClientRejected alarm counts these.
+fn log_client_rejected() {
+    tracing::error!(
+        event = "klaviyo_client_rejected",
+        "Klaviyo refused the client id and secret (invalid_client): put the right client secret in Secrets Manager"
+    );
 }
 
 /// Carries a classified failure through `oauth2`'s error type.
@@ -592,6 +760,53 @@ mod tests {
         assert_eq!(retry_after(&headers), None);
     }
 
+    /// A secret source that hands out `value` and counts reads.
+    struct Source {
+        value: std::sync::Mutex<String>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ClientSecretSource for Source {
+        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let value = self.value.lock().unwrap().clone();
+            Box::pin(async move { Ok(Secret::new(value)) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_client_secret_replaces_the_held_one() {
+        let source = Arc::new(Source {
+            value: std::sync::Mutex::new("unit-test-client-secret".into()),
+            reads: Default::default(),
+        });
+        let k = klaviyo().with_secret_source(source.clone());
+        let reads = || source.reads.load(std::sync::atomic::Ordering::SeqCst);
+        // Read just now (at construction): a run start does not read it again.
+        assert_eq!(
+            k.reload_client_secret(Duration::from_secs(10)).await,
+            Ok(false)
+        );
+        assert_eq!(reads(), 0);
+        // Unchanged: nothing is replaced.
+        assert_eq!(k.reload_client_secret(Duration::ZERO).await, Ok(false));
+        assert_eq!(reads(), 1);
+        *source.value.lock().unwrap() = "rotated-client-secret".into();
+        assert_eq!(k.reload_client_secret(Duration::ZERO).await, Ok(true));
+        assert_eq!(k.current().secret.expose(), "rotated-client-secret");
+        // Clones share the credentials.
+        assert_eq!(k.clone().current().secret.expose(), "rotated-client-secret");
+        // After a rejection within the interval: no read, unless another call already
+        // installed a newer secret than the one the rejected call used.
+        let used = k.current();
+        assert!(!k.reloaded_since(&used).await);
+        assert_eq!(reads(), 2);
+        *source.value.lock().unwrap() = "third-client-secret".into();
+        k.reload_client_secret(Duration::ZERO).await.unwrap();
+        assert!(k.reloaded_since(&used).await, "a newer secret is in use");
+        assert_eq!(reads(), 3);
+    }
+
     #[test]
     fn errors_classify() {
         assert!(
@@ -609,5 +824,9 @@ mod tests {
         assert!(KlaviyoError::RateLimited { retry_after: None }.is_transient());
         assert!(KlaviyoError::Unavailable("x".into()).is_transient());
         assert!(!KlaviyoError::Malformed("x".into()).is_transient());
+        let invalid_client = KlaviyoError::Rejected {
+            code: "invalid_client".into(),
+        };
+        assert!(invalid_client.is_invalid_client() && !invalid_client.is_transient());
     }
 }

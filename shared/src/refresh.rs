@@ -13,6 +13,11 @@
 //! the new tokens is the one that opened the old ones (one KMS call, before Klaviyo is
 //! called), so nothing after the rotation depends on KMS. Each run also finishes pending
 //! revocations and logs one summary line.
+//!
+//! Each run reads the Klaviyo client secret first (one Secrets Manager call), so a secret put
+//! after the deploy, or rotated, is used by the next run. `invalid_client` is a configuration
+//! failure, not the connection's: the connection is left due and untouched, the run stops
+//! taking work (every other refresh would be refused too) and ends as a failed invocation.
 
 use crate::auth::UserId;
 use crate::context::{Environment, InitError};
@@ -28,7 +33,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 
@@ -41,7 +46,7 @@ pub const LEASE: time::Duration = time::Duration::seconds(60);
 const PAGE_SIZE: i32 = 1000;
 /// Stop taking new work this long before the Lambda deadline: longer than the worst case of
 /// the one item a worker may have in flight (`crate::budget`).
-pub const DEADLINE_MARGIN: Duration = Duration::from_secs(75);
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(80);
 /// Budget when the invoker gives no deadline.
 const DEFAULT_BUDGET: Duration = Duration::from_secs(240);
 /// Pending revocations attempted per run.
@@ -67,6 +72,10 @@ pub struct RunSummary {
     pub write_failures: u64,
     /// Steps AWS refused (permissions, key state, a missing table); any makes the run fail.
     pub refused: u64,
+    /// Klaviyo refused the client secret (`invalid_client`); any makes the run fail.
+    pub client_rejected: u64,
+    /// Reads of due work that failed (DynamoDB unavailable); any makes the run fail.
+    pub read_failures: u64,
     pub skipped_locked: u64,
     pub revocations_finished: u64,
     pub duration_ms: u64,
@@ -76,7 +85,11 @@ impl RunSummary {
     /// A run that could not store some of its results failed: the invocation reports an
     /// error (Lambda's Errors metric, the failure destination), not just a log line.
     pub fn into_result(self) -> Result<Self, RunFailed> {
-        if self.write_failures > 0 || self.refused > 0 {
+        if self.write_failures > 0
+            || self.refused > 0
+            || self.client_rejected > 0
+            || self.read_failures > 0
+        {
             Err(RunFailed(self))
         } else {
             Ok(self)
@@ -84,9 +97,10 @@ impl RunSummary {
     }
 }
 
-/// A run whose results could not all be stored, or whose steps AWS refused.
+/// A run whose results could not all be stored, whose steps AWS refused, whose client secret
+/// Klaviyo refused, or whose due work could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("{failures} refresh results could not be stored and {refused} steps were refused: {summary:?}", failures = .0.write_failures, refused = .0.refused, summary = .0)]
+#[error("the refresh run failed (results not stored: {}, steps refused by AWS: {}, invalid_client: {}, failed reads: {}): {summary:?}", .0.write_failures, .0.refused, .0.client_rejected, .0.read_failures, summary = .0)]
 pub struct RunFailed(pub RunSummary);
 
 /// The outcome of one connection's refresh.
@@ -100,6 +114,9 @@ pub enum Outcome {
     WriteFailed,
     /// AWS refused a step (permissions, key state): a configuration fault; the run fails.
     Refused,
+    /// Klaviyo refused the client secret: a configuration fault; the connection is left
+    /// due, and the run stops and fails.
+    ClientRejected,
     /// Another worker holds the lease (or the connection stopped being eligible).
     SkippedLocked,
     /// Already refreshed by someone else, reconnected or disconnected meanwhile.
@@ -187,6 +204,14 @@ impl Refresher {
                     .await
             }
             Err(e) if e.is_invalid_grant() => (self.invalid_grant(&connection, owner).await, None),
+            Err(e) if e.is_invalid_client() => {
+                let key = ConnectionKey {
+                    user_id: connection.user_id.clone(),
+                    connection_id: connection.id.clone(),
+                };
+                let _ = self.store.release_refresh_lease(&key, owner).await;
+                (Outcome::ClientRejected, None)
+            }
             Err(e) => {
                 let retry_after = match &e {
                     KlaviyoError::RateLimited { retry_after } => *retry_after,
@@ -444,6 +469,7 @@ fn due_keys<'a>(
     store: &'a Store,
     until: OffsetDateTime,
     refused_reads: &'a AtomicU64,
+    failed_reads: &'a AtomicU64,
 ) -> impl futures::Stream<Item = ConnectionKey> + 'a {
     struct Cursor {
         bucket: u8,
@@ -479,7 +505,8 @@ fn due_keys<'a>(
                         refused_reads.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(event = "refresh_access_denied", bucket = cursor.bucket, error = %e, "AWS refused reading due connections");
                     } else {
-                        tracing::error!(bucket = cursor.bucket, error = %e, "could not read due connections");
+                        failed_reads.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(event = "refresh_read_failed", bucket = cursor.bucket, error = %e, "could not read due connections");
                     }
                     cursor.bucket += 1;
                 }
@@ -491,10 +518,17 @@ fn due_keys<'a>(
 /// The scheduled job.
 pub struct Refresh {
     store: Store,
+    klaviyo: Klaviyo,
     refresher: Refresher,
     revoker: Revoker,
     concurrency: usize,
+    /// Set once a run has started: only the first may use the secret start-up just read.
+    ran: AtomicBool,
 }
+
+/// The first run after start-up reads the client secret again unless start-up read it this
+/// recently; every later run reads it at its start.
+const SECRET_FRESH_AT_FIRST_RUN: Duration = Duration::from_secs(10);
 
 impl Refresh {
     pub async fn from_env() -> Result<Self, InitError> {
@@ -507,13 +541,15 @@ impl Refresh {
         Self {
             store: env.store(),
             refresher: Refresher::new(env.store(), env.sealer(), klaviyo.clone()),
-            revoker: env.revoker(klaviyo),
+            revoker: env.revoker(klaviyo.clone()),
+            klaviyo,
             concurrency: env.config.refresh_concurrency,
+            ran: AtomicBool::new(false),
         }
     }
 
     /// One run: refresh everything due (until the time budget runs out), then finish
-    /// pending revocations. `deadline` is the invocation's (work stops 30 s before it).
+    /// pending revocations. `deadline` is the invocation's (work stops `DEADLINE_MARGIN` before it).
     pub async fn run(&self, deadline: Option<SystemTime>) -> RunSummary {
         let started = Instant::now();
         let budget = deadline
@@ -523,12 +559,23 @@ impl Refresh {
         let owner = uuid::Uuid::new_v4().to_string();
         let until = OffsetDateTime::now_utc();
         let summary = Mutex::new(RunSummary::default());
-        let refused_reads = AtomicU64::new(0);
+        let (refused_reads, failed_reads) = (AtomicU64::new(0), AtomicU64::new(0));
+        // Set by the first `invalid_client`: every other call would be refused too.
+        let client_rejected = AtomicBool::new(false);
+        let go_on = || Instant::now() < stop_at && !client_rejected.load(Ordering::Relaxed);
 
-        due_keys(&self.store, until, &refused_reads)
-            .take_while(|_| std::future::ready(Instant::now() < stop_at))
+        let fresh = match self.ran.swap(true, Ordering::Relaxed) {
+            false => SECRET_FRESH_AT_FIRST_RUN,
+            true => Duration::ZERO,
+        };
+        if let Err(e) = self.klaviyo.reload_client_secret(fresh).await {
+            tracing::warn!(error = %e, "could not read the Klaviyo client secret; using the one held");
+        }
+
+        due_keys(&self.store, until, &refused_reads, &failed_reads)
+            .take_while(|_| std::future::ready(go_on()))
             .for_each_concurrent(self.concurrency, |key| {
-                let (summary, owner) = (&summary, &owner);
+                let (summary, owner, client_rejected) = (&summary, &owner, &client_rejected);
                 async move {
                     let outcome = self.refresher.refresh_due(&key, owner).await;
                     let mut s = summary.lock().unwrap_or_else(|p| p.into_inner());
@@ -539,6 +586,10 @@ impl Refresh {
                         Outcome::Failed => s.failed += 1,
                         Outcome::WriteFailed => s.write_failures += 1,
                         Outcome::Refused => s.refused += 1,
+                        Outcome::ClientRejected => {
+                            s.client_rejected += 1;
+                            client_rejected.store(true, Ordering::Relaxed);
+                        }
                         Outcome::SkippedLocked => s.skipped_locked += 1,
                         Outcome::Skipped => {}
                     }
@@ -548,7 +599,8 @@ impl Refresh {
 
         let mut summary = summary.into_inner().unwrap_or_else(|p| p.into_inner());
         summary.refused += refused_reads.into_inner();
-        if Instant::now() < stop_at {
+        summary.read_failures += failed_reads.into_inner();
+        if go_on() {
             match self
                 .revoker
                 .finish_due(OffsetDateTime::now_utc(), REVOCATIONS_PER_RUN, stop_at)
@@ -557,12 +609,16 @@ impl Refresh {
                 Ok(revocations) => {
                     summary.revocations_finished = revocations.finished + revocations.expired;
                     summary.refused += revocations.refused;
+                    summary.client_rejected += revocations.client_rejected;
                 }
                 Err(e @ StoreError::Refused(_)) => {
                     summary.refused += 1;
                     tracing::error!(event = "refresh_access_denied", error = %e, "AWS refused reading pending revocations");
                 }
-                Err(e) => tracing::error!(error = %e, "could not read pending revocations"),
+                Err(e) => {
+                    summary.read_failures += 1;
+                    tracing::error!(event = "refresh_read_failed", error = %e, "could not read pending revocations");
+                }
             }
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
@@ -574,6 +630,8 @@ impl Refresh {
             failed = summary.failed,
             write_failures = summary.write_failures,
             refused = summary.refused,
+            client_rejected = summary.client_rejected,
+            read_failures = summary.read_failures,
             skipped_locked = summary.skipped_locked,
             revocations_finished = summary.revocations_finished,
             duration_ms = summary.duration_ms,
@@ -690,12 +748,22 @@ impl AccessTokens {
                         (Outcome::NeedsReauth, _) => return Err(AccessTokenError::NeedsReauth),
                         // Klaviyo is having trouble: the current token still works until it
                         // actually expires.
-                        (Outcome::Failed | Outcome::WriteFailed | Outcome::Refused, _)
-                            if expires_after(time::Duration::ZERO) =>
-                        {
+                        (
+                            Outcome::Failed
+                            | Outcome::WriteFailed
+                            | Outcome::Refused
+                            | Outcome::ClientRejected,
+                            _,
+                        ) if expires_after(time::Duration::ZERO) => {
                             return self.stored(&connection).await;
                         }
-                        (Outcome::Failed | Outcome::WriteFailed | Outcome::Refused, _) => {
+                        (
+                            Outcome::Failed
+                            | Outcome::WriteFailed
+                            | Outcome::Refused
+                            | Outcome::ClientRejected,
+                            _,
+                        ) => {
                             return Err(AccessTokenError::Unavailable(
                                 "Klaviyo refresh failed".into(),
                             ));

@@ -48,6 +48,8 @@ pub struct PendingSummary {
     pub deferred: u64,
     /// AWS refused a step (permissions, key state); left due, and the run fails.
     pub refused: u64,
+    /// Klaviyo refused the client secret; left due as it was, and the run fails.
+    pub client_rejected: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -206,6 +208,7 @@ impl Revoker {
                 Finished::Expired => summary.expired += 1,
                 Finished::Deferred => summary.deferred += 1,
                 Finished::Refused => summary.refused += 1,
+                Finished::ClientRejected => summary.client_rejected += 1,
             }
         }
         Ok(summary)
@@ -243,7 +246,11 @@ impl Revoker {
         }
         let result = match pending.open(&self.sealer).await {
             Ok(credentials) => match credentials.refresh_token() {
-                Some(token) => self.klaviyo.revoke(token).await.map_err(|e| e.to_string()),
+                Some(token) => match self.klaviyo.revoke(token).await {
+                    // Not the token's fault: no attempt counted, no backoff.
+                    Err(e) if e.is_invalid_client() => return Finished::ClientRejected,
+                    other => other.map_err(|e| e.to_string()),
+                },
                 None => Ok(()),
             },
             Err(CryptoError::Refused(_)) => return Finished::Refused,
@@ -286,6 +293,7 @@ enum Finished {
     Expired,
     Deferred,
     Refused,
+    ClientRejected,
 }
 
 fn job_backoff_secs(attempts: u32) -> i64 {

@@ -340,6 +340,23 @@ async fn cors_preflight_and_responses_follow_the_allowlist() {
         );
     }
 
+    // The frontend's own origin is always allowed; ALLOWED_ORIGINS only adds to it.
+    let frontend = url::Url::parse(&setting("FRONTEND_URL")).unwrap();
+    let frontend = frontend.origin().ascii_serialization();
+    assert!(!allowed.split(',').any(|o| o.trim() == frontend));
+    let own = client
+        .request(Method::OPTIONS, &url)
+        .header("origin", &frontend)
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        own.headers()["access-control-allow-origin"],
+        frontend.as_str()
+    );
+
     // An error response to an allowed origin is still readable by the page.
     let denied = client
         .get(&url)
@@ -366,4 +383,42 @@ async fn the_callback_needs_no_token_and_carries_security_headers() {
         .unwrap();
     assert_ne!(response.status(), StatusCode::UNAUTHORIZED);
     assert_security_headers(&response);
+}
+
+/// Paths no route names get the one error shape, with CORS for allowed origins (API
+/// Gateway's `$default` route goes to the accounts function, as the local router does).
+#[tokio::test]
+async fn unknown_paths_get_404_in_the_one_error_shape_with_cors() {
+    let allowed = setting("ALLOWED_ORIGINS");
+    let token = token_for(&unique("user")).await;
+    for path in [
+        "/",
+        "/api",
+        "/api/oauth/unknown",
+        "/api/oauth/accounts/a/b",
+        "/favicon.ico",
+    ] {
+        for method in [Method::GET, Method::POST, Method::DELETE] {
+            let response = http()
+                .request(method.clone(), format!("{}{path}", api_url()))
+                .header("origin", &allowed)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response
+                    .headers()
+                    .get("access-control-allow-origin")
+                    .map(|v| v.to_str().unwrap()),
+                Some(allowed.as_str()),
+                "{method} {path}"
+            );
+            let body = error_body(response, StatusCode::NOT_FOUND, "not_found").await;
+            assert_eq!(
+                body["error"]["message"], "There is no such route.",
+                "{body}"
+            );
+        }
+    }
 }

@@ -283,3 +283,396 @@ fn every_function_has_its_local_aws_profile() {
         );
     }
 }
+
+/// `sam build` runs `make build-<LogicalId>` for each function (BuildMethod: makefile): the
+/// Makefile must have that target, and it must copy this function's binary.
+#[test]
+fn every_function_is_built_by_its_makefile_target() {
+    let makefile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Makefile"))
+        .expect("Makefile");
+    for (id, binary, _) in functions() {
+        let method = &resources()[id.as_str()]["Metadata"]["BuildMethod"];
+        assert_eq!(method, "makefile", "{id}: BuildMethod");
+        let target = format!("build-{id}:\n\tscripts/lambda-artifact.sh {binary}\n");
+        assert!(
+            makefile.contains(&target),
+            "{id}: the Makefile needs\n{target}"
+        );
+    }
+}
+
+/// A fixed reserved concurrency takes capacity from the account's unreserved pool, which in
+/// new accounts (a quota of 10) cannot go lower: the stack would fail to create.
+#[test]
+fn reserved_concurrency_is_unset_unless_asked_for() {
+    for (id, _, function) in functions() {
+        let reserved = &function["ReservedConcurrentExecutions"];
+        if reserved.is_null() {
+            continue;
+        }
+        let choice = tagged(reserved).expect("ReservedConcurrentExecutions is a !If");
+        assert_eq!(choice.tag.to_string(), "!If", "{id}");
+        let branches = list(&choice.value);
+        let parameter = tagged(branches[1]).expect("!Ref parameter");
+        let name = parameter.value.as_str().unwrap();
+        assert_eq!(
+            TEMPLATE["Parameters"][name]["Default"], "",
+            "{id}: {name} must default to unset"
+        );
+        let otherwise = tagged(branches[2]).expect("!Ref AWS::NoValue");
+        assert_eq!(otherwise.value, "AWS::NoValue", "{id}");
+    }
+}
+
+/// Schedule names are unique per account and region: a fixed one makes the second stack
+/// (staging beside prod) fail with "already exists".
+#[test]
+fn schedule_names_include_the_stack_name() {
+    for (id, _, function) in functions() {
+        let Some(events) = function["Events"].as_mapping() else {
+            continue;
+        };
+        for (name, event) in events {
+            if event["Type"] != "ScheduleV2" {
+                continue;
+            }
+            let schedule_name = tagged(&event["Properties"]["Name"])
+                .filter(|t| t.tag == "!Sub")
+                .and_then(|t| t.value.as_str())
+                .unwrap_or_default();
+            assert!(
+                schedule_name.contains("${AWS::StackName}"),
+                "{id}.{name:?}: the schedule's Name must include the stack name"
+            );
+        }
+    }
+}
+
+/// Data is kept when the stack is deleted or replaced, but a first create that rolls back
+/// must not leave a table and a key behind on every attempt.
+#[test]
+fn table_and_key_are_retained_except_on_a_failed_create() {
+    for (id, resource) in resources() {
+        let kind = resource["Type"].as_str().unwrap();
+        if kind == "AWS::DynamoDB::Table" || kind == "AWS::KMS::Key" {
+            assert_eq!(resource["DeletionPolicy"], "RetainExceptOnCreate", "{id:?}");
+            assert_eq!(resource["UpdateReplacePolicy"], "Retain", "{id:?}");
+        }
+    }
+}
+
+/// A failed or dropped refresh run, and an event Scheduler could not hand over, land in a
+/// queue with an alarm on it; a throttled run is dropped rather than started hours late.
+#[test]
+fn failed_refresh_runs_land_in_alarmed_queues() {
+    let queues: Vec<&str> = resources()
+        .iter()
+        .filter(|(_, r)| r["Type"] == "AWS::SQS::Queue")
+        .map(|(id, _)| id.as_str().unwrap())
+        .collect();
+    for queue in &queues {
+        let alarmed = resources().values().any(|r| {
+            r["Type"] == "AWS::CloudWatch::Alarm"
+                && r["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+                && list(&r["Properties"]["Dimensions"])
+                    .iter()
+                    .any(|d| names_resource(&d["Value"]).as_deref() == Some(*queue))
+        });
+        assert!(alarmed, "{queue} has no alarm on its visible messages");
+    }
+    for (id, _, function) in functions() {
+        let Some(events) = function["Events"].as_mapping() else {
+            continue;
+        };
+        let config = &function["EventInvokeConfig"];
+        let destination = names_resource(&config["DestinationConfig"]["OnFailure"]["Destination"]);
+        assert!(
+            destination.is_some_and(|q| queues.contains(&q.as_str())),
+            "{id}: failed runs need an on-failure queue of this stack"
+        );
+        let max_age = config["MaximumEventAgeInSeconds"]
+            .as_u64()
+            .unwrap_or(21_600);
+        assert!(
+            max_age <= 300,
+            "{id}: a throttled run may start {max_age} s late"
+        );
+        for event in events.values() {
+            let dead_letters = names_resource(&event["Properties"]["DeadLetterConfig"]["Arn"]);
+            assert!(
+                dead_letters.is_some_and(|q| queues.contains(&q.as_str())),
+                "{id}: scheduled events need a dead-letter queue of this stack"
+            );
+        }
+    }
+}
+
+/// The functions' own log filter (info; the AWS SDK at warn) applies, and API Gateway's
+/// access log says why an integration failed.
+#[test]
+fn logs_keep_the_codes_filter_and_integration_errors() {
+    let variables = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+        .as_mapping()
+        .unwrap();
+    assert!(!variables.contains_key("RUST_LOG"));
+    for (_, _, function) in functions() {
+        assert!(function["Environment"]["Variables"]["RUST_LOG"].is_null());
+    }
+    let format = resources()["HttpApiStage"]["Properties"]["AccessLogSettings"]["Format"]
+        .as_str()
+        .unwrap();
+    assert!(
+        format.contains("$context.integrationErrorMessage"),
+        "{format}"
+    );
+    serde_json::from_str::<serde_json::Value>(format).expect("the access log format is JSON");
+}
+
+/// `invalid_client` (a wrong or placeholder client secret) pages from every function that
+/// authenticates to Klaviyo as the client.
+#[test]
+fn a_rejected_client_secret_raises_an_alarm() {
+    for (id, _, function) in functions() {
+        let secrets: Vec<Option<String>> = statements(function)
+            .into_iter()
+            .flat_map(|s| list(&s["Resource"]))
+            .map(names_resource)
+            .collect();
+        if !secrets.contains(&Some("KlaviyoClientSecret".to_owned())) {
+            continue;
+        }
+        let log_group = names_resource(&function["LoggingConfig"]["LogGroup"]).unwrap();
+        let filtered = resources().values().any(|r| {
+            r["Type"] == "AWS::Logs::MetricFilter"
+                && names_resource(&r["Properties"]["LogGroupName"]).as_deref()
+                    == Some(log_group.as_str())
+                && r["Properties"]["FilterPattern"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("\"klaviyo_client_rejected\""))
+                && r["Properties"]["MetricTransformations"][0]["MetricName"]
+                    == "KlaviyoClientRejected"
+        });
+        assert!(
+            filtered,
+            "{id}: no KlaviyoClientRejected metric filter on {log_group}"
+        );
+    }
+    let alarmed = resources().values().any(|r| {
+        r["Type"] == "AWS::CloudWatch::Alarm"
+            && r["Properties"]["MetricName"] == "KlaviyoClientRejected"
+    });
+    assert!(alarmed, "no alarm on KlaviyoClientRejected");
+}
+
+/// Paths no route names reach a function (which answers 404 in the one error shape, with
+/// CORS), on AWS and locally alike.
+#[test]
+fn unknown_paths_reach_a_function() {
+    let default = resources()
+        .values()
+        .find(|r| {
+            r["Type"] == "AWS::ApiGatewayV2::Route" && r["Properties"]["RouteKey"] == "$default"
+        })
+        .expect("a $default route");
+    let integration = tagged(&default["Properties"]["Target"])
+        .and_then(|t| t.value.as_str())
+        .and_then(|t| t.strip_prefix("integrations/${"))
+        .and_then(|t| t.strip_suffix('}'))
+        .expect("Target: !Sub integrations/${…}");
+    let function =
+        names_resource(&resources()[integration]["Properties"]["IntegrationUri"]).unwrap();
+    let binary = functions()
+        .into_iter()
+        .find(|(id, _, _)| *id == function)
+        .map(|(_, binary, _)| binary)
+        .unwrap();
+    let cargo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+        .expect("Cargo.toml");
+    let local = format!("\"/{{*path}}\" = \"{binary}\"");
+    assert!(cargo.contains(&local), "the local router needs {local}");
+}
+
+/// What a parameter accepts as CloudFormation checks it: pattern, length, allowed values.
+struct Accepts<'a> {
+    parameter: &'a Value,
+    pattern: Option<regex::Regex>,
+}
+
+impl<'a> Accepts<'a> {
+    fn new(parameter: &'a Value) -> Self {
+        // CloudFormation matches the whole value; the patterns anchor themselves too.
+        let pattern = parameter["AllowedPattern"]
+            .as_str()
+            .map(|p| regex::Regex::new(&format!("^(?:{p})$")).expect("pattern compiles"));
+        Self { parameter, pattern }
+    }
+
+    fn value(&self, value: &str) -> bool {
+        let parameter = self.parameter;
+        if self.pattern.as_ref().is_some_and(|p| !p.is_match(value)) {
+            return false;
+        }
+        if let Some(min) = parameter["MinLength"].as_u64()
+            && (value.chars().count() as u64) < min
+        {
+            return false;
+        }
+        if let Some(allowed) = parameter["AllowedValues"].as_sequence() {
+            return allowed.iter().any(|a| {
+                a.as_str() == Some(value) || a.as_u64().is_some_and(|n| n.to_string() == value)
+            });
+        }
+        parameter["Type"] == "String"
+    }
+}
+
+/// Every parameter that becomes a setting (through Globals) accepts only values the
+/// functions' configuration parser accepts, so a deploy fails where start-up would have;
+/// for whole numbers exactly the same ones. (Elsewhere a pattern may be stricter: https only,
+/// no stray whitespace, since plain http is only for loopback and a deployed stack has none.)
+#[test]
+fn parameters_accept_only_what_the_functions_accept() {
+    let variables = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+        .as_mapping()
+        .unwrap();
+    let samples: Vec<String> = [
+        "",
+        " ",
+        "x",
+        "abc",
+        "a b",
+        "pk_abc123",
+        "client-id_1",
+        "https://app.example.com",
+        "https://app.example.com/",
+        "https://app.example.com/base/path",
+        "https://APP.example.com",
+        "https://app.example.com:8443",
+        "https://app.example.com:443",
+        "https://app.example.com:99999",
+        "https://app.example.com:0",
+        "https://app.example.com?x=1",
+        "https://app.example.com#f",
+        "https://user:pw@app.example.com",
+        "http://app.example.com",
+        "http://127.0.0.1:9300",
+        "https://-bad-.example.com",
+        "https://a..b",
+        "https://app.example.com/a b",
+        "https://",
+        "ftp://app.example.com",
+        "*",
+        "null",
+        "https://a.example.com,https://b.example.com",
+        "https://a.example.com, https://b.example.com",
+        "https://a.example.com,",
+        "https://a.example.com/x",
+        "https://a.example.com:8443,https://b.example.com",
+        "accounts:read",
+        "accounts:read lists:read",
+        "accounts:read  lists:read",
+        "accounts:read,lists:read",
+        "Accounts:read",
+        "2025-10-15",
+        "2026-01-15.pre",
+        "2025-10-15.",
+        "2025-1-15",
+        "october",
+        "2025-10-15.Pre",
+        "01",
+        "1.5",
+        "1e2",
+        "-1",
+        "+5",
+        " 5",
+        "5 ",
+        "0x10",
+        "１",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Every number to 300, every boundary of the ranges in use, and a spread up to 100,000.
+    let mut numbers: Vec<u32> = (0..=300).chain((300..=100_000).step_by(997)).collect();
+    for edge in [
+        999, 1_000, 9_999, 10_000, 79_999, 80_000, 85_999, 86_000, 86_400, 99_999,
+    ] {
+        numbers.extend([edge - 1, edge, edge + 1]);
+    }
+    let numbers: Vec<String> = numbers.iter().map(u32::to_string).collect();
+
+    let base = |name: &str| -> Option<String> {
+        Some(match name {
+            "TABLE_NAME" => "klaviyo-connect".into(),
+            "KMS_KEY_ID" => "arn:aws:kms:us-east-1:123456789012:key/abc".into(),
+            "KLAVIYO_CLIENT_ID" => "client-id".into(),
+            "KLAVIYO_CLIENT_SECRET_ARN" => "arn:aws:secretsmanager:us-east-1:1:secret:k".into(),
+            "KLAVIYO_REDIRECT_URI" => "https://api.example.com/klaviyo/oauthcallback".into(),
+            "JWT_SECRET_ARN" => "arn:aws:secretsmanager:us-east-1:1:secret:j".into(),
+            "FRONTEND_URL" => "https://app.example.com".into(),
+            _ => return None,
+        })
+    };
+    let mut checked = 0;
+    for (variable, source) in variables {
+        let variable = variable.as_str().unwrap();
+        // `!Ref Param`, or `!If [Cond, !Ref Param, !Ref AWS::NoValue]` for optional ones.
+        let reference = match tagged(source) {
+            Some(t) if t.tag == "!Ref" => t.value.as_str(),
+            Some(t) if t.tag == "!If" => tagged(list(&t.value)[1]).and_then(|r| r.value.as_str()),
+            _ => None,
+        };
+        let Some(parameter) = reference.and_then(|name| TEMPLATE["Parameters"].get(name)) else {
+            continue;
+        };
+        checked += 1;
+        let accepts = Accepts::new(parameter);
+        let parses = |value: &str| {
+            shared::config::Config::from_lookup(|name| {
+                if name == variable {
+                    Some(value.to_owned())
+                } else {
+                    base(name)
+                }
+            })
+        };
+        let numeric = parameter["Default"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+        let mut both = 0;
+        for value in samples.iter().chain(&numbers) {
+            let template = accepts.value(value);
+            let parsed = if template || numeric {
+                parses(value)
+            } else {
+                continue;
+            };
+            if template {
+                assert!(
+                    parsed.is_ok(),
+                    "{variable}: the template accepts {value:?} but the functions refuse it: {}",
+                    parsed.unwrap_err()
+                );
+                both += 1;
+            } else if numeric && numbers.contains(value) {
+                assert!(
+                    parsed.is_err(),
+                    "{variable}: the functions accept {value} but the template refuses it"
+                );
+            }
+        }
+        assert!(
+            both > 0,
+            "{variable}: the template accepts none of the samples"
+        );
+        let default = parameter["Default"].as_str().unwrap_or_default();
+        assert!(
+            default.is_empty() || accepts.value(default),
+            "{variable}: the default {default:?} fails its own pattern"
+        );
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} settings come from parameters"
+    );
+}

@@ -1,0 +1,218 @@
+//! Secrets as operators put them: the Klaviyo client secret changes without a redeploy and a
+//! wrong one pages; a value put with a trailing newline is the value.
+//!
+//! After the first deploy the functions hold the template's generated placeholder until the
+//! operator puts the real secret. Against the local stack: functions started with a
+//! placeholder fail a connect with `invalid_client` and log `klaviyo_client_rejected` at error
+//! level (the KlaviyoClientRejected alarm's filter); the refresh run fails without touching the
+//! connection; `put-secret-value` sets the right one (with a trailing newline, as
+//! `file://secret.txt` would); the next refresh run and the next callback succeed with no
+//! restart.
+//!
+//! This binary changes the stack's secrets, so its tests run one at a time (cargo runs test
+//! binaries one after another), and each secret is put back however a test ends.
+
+use e2e::lambda::{LocalLambda, Outcome};
+use e2e::{
+    callback_request, connect_due, environment, klaviyo_account, setting, settings_page, token_for,
+    unique,
+};
+use shared::UserId;
+use shared::klaviyo::SECRET_RELOAD_INTERVAL;
+use std::time::{Duration, Instant};
+
+async fn secrets() -> aws_sdk_secretsmanager::Client {
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    aws_sdk_secretsmanager::Client::new(&sdk)
+}
+
+/// One test at a time: they change secrets every function reads.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn get_secret(setting_name: &str) -> String {
+    secrets()
+        .await
+        .get_secret_value()
+        .secret_id(setting(setting_name))
+        .send()
+        .await
+        .expect("read the secret")
+        .secret_string
+        .expect("a value")
+}
+
+async fn put_secret(setting_name: &str, value: &str) {
+    secrets()
+        .await
+        .put_secret_value()
+        .secret_id(setting(setting_name))
+        .secret_string(value)
+        .send()
+        .await
+        .expect("put the secret");
+}
+
+async fn put_client_secret(value: &str) {
+    put_secret("KLAVIYO_CLIENT_SECRET_ARN", value).await;
+}
+
+/// Puts a secret's value back when dropped, even if the test failed half-way.
+struct RestoreOnDrop {
+    setting: &'static str,
+    value: String,
+}
+
+impl RestoreOnDrop {
+    async fn new(setting: &'static str) -> Self {
+        Self {
+            setting,
+            value: get_secret(setting).await,
+        }
+    }
+}
+
+impl Drop for RestoreOnDrop {
+    fn drop(&mut self) {
+        let (setting, value) = (self.setting, self.value.clone());
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(put_secret(setting, &value));
+        })
+        .join()
+        .expect("restore the secret");
+    }
+}
+
+fn scheduled_event() -> serde_json::Value {
+    serde_json::from_str(include_str!("../../events/scheduled.json")).expect("event fixture")
+}
+
+/// Log lines of a function with the given `event`, parsed.
+fn events(log: &str, event: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["event"] == event)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_client_secret_put_after_start_up_is_used_without_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let restore = RestoreOnDrop::new("KLAVIYO_CLIENT_SECRET_ARN").await;
+    let real = restore.value.clone();
+
+    // A connection due for refresh, made while the secret is right.
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let id = connect_due(&token, &klaviyo_account()).await;
+
+    // The template's placeholder: the functions start with it.
+    let placeholder = "generated-placeholder-not-the-klaviyo-client-secret";
+    put_client_secret(placeholder).await;
+    let callback = LocalLambda::start("callback", &[]).await;
+    let refresh = LocalLambda::start("refresh", &[]).await;
+    callback.init_duration().await;
+    refresh.init_duration().await;
+    let started = Instant::now();
+
+    // A connect fails, and the failure pages.
+    let account = klaviyo_account();
+    let landed = callback
+        .http(callback_request(&token, &account).await)
+        .await;
+    assert_eq!(landed.status, 302, "{}", landed.body);
+    assert_eq!(
+        landed.header("location"),
+        Some(settings_page("error=klaviyo_connection_failed").as_str())
+    );
+    let rejected = events(&callback.log(), "klaviyo_client_rejected");
+    assert_eq!(rejected.len(), 1, "{}", callback.log());
+    assert_eq!(rejected[0]["level"], "ERROR");
+    assert!(
+        !callback.log().contains(placeholder),
+        "the secret is never logged"
+    );
+
+    // The refresh run fails (the Errors alarm and the failed-runs queue see it) and leaves the
+    // connection due and untouched: the secret is at fault, not the connection.
+    let before = environment()
+        .await
+        .store()
+        .get_connection(&UserId::parse(&user).unwrap(), &id)
+        .await
+        .expect("stored");
+    match refresh.invoke(scheduled_event()).await {
+        Outcome::Error(error) => {
+            let message = error.to_string();
+            assert!(message.contains("invalid_client"), "{message}");
+        }
+        Outcome::Response(summary) => panic!("the run should fail: {summary}"),
+    }
+    assert!(!events(&refresh.log(), "klaviyo_client_rejected").is_empty());
+    let after = environment()
+        .await
+        .store()
+        .get_connection(&UserId::parse(&user).unwrap(), &id)
+        .await
+        .expect("stored");
+    assert_eq!(after.version, before.version, "the connection is untouched");
+    assert_eq!(after.refresh_failures, 0, "no backoff");
+
+    // The operator puts the right secret.
+    put_client_secret(&format!("{real}\n")).await;
+
+    // The next run reads it at its start and refreshes the connection.
+    match refresh.invoke(scheduled_event()).await {
+        Outcome::Response(summary) => {
+            assert_eq!(summary["client_rejected"], 0, "{summary}");
+            assert!(summary["refreshed"].as_u64() >= Some(1), "{summary}");
+        }
+        Outcome::Error(error) => panic!("the run should succeed now: {error}"),
+    }
+    let refreshed = environment()
+        .await
+        .store()
+        .get_connection(&UserId::parse(&user).unwrap(), &id)
+        .await
+        .expect("stored");
+    assert!(refreshed.last_refreshed_at.is_some(), "{refreshed:?}");
+
+    // The callback reads the secret again on its next rejection, at most once a minute, and
+    // retries the exchange with the new one: the user's connect succeeds.
+    let may_reload_at = started + SECRET_RELOAD_INTERVAL + Duration::from_secs(1);
+    tokio::time::sleep_until(may_reload_at.into()).await;
+    let landed = callback
+        .http(callback_request(&token, &account).await)
+        .await;
+    assert_eq!(
+        landed.header("location"),
+        Some(settings_page("connected=klaviyo").as_str()),
+        "{}",
+        callback.log()
+    );
+    assert_eq!(
+        events(&callback.log(), "klaviyo_client_secret_reloaded").len(),
+        1
+    );
+}
+
+/// `put-secret-value --secret-string file://key.txt` keeps the file's trailing newline: the
+/// functions trim it, so the host app's JWTs (signed with the key itself) are accepted.
+#[tokio::test]
+async fn a_jwt_key_put_with_a_trailing_newline_is_the_key() {
+    let _serial = SERIAL.lock().await;
+    let restore = RestoreOnDrop::new("JWT_SECRET_ARN").await;
+    put_secret("JWT_SECRET_ARN", &format!("{}\n", restore.value)).await;
+    let accounts = LocalLambda::start("accounts", &[]).await;
+    let token = e2e::sign(
+        jsonwebtoken::Algorithm::HS256,
+        restore.value.trim(),
+        &e2e::claims(&unique("user")),
+    );
+    let listed = accounts
+        .http(e2e::lambda::ApiRequest::new("GET", "/api/oauth/accounts").bearer(&token))
+        .await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.json()["success"], true);
+}
