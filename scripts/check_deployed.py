@@ -50,14 +50,32 @@ def jwt(key: str, issuer: str, audience: str) -> str:
     return f"{header}.{payload}.{b64url(signature)}"
 
 
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer to check, never followed: the JWT must not travel elsewhere."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+OPENER = urllib.request.build_opener(NoRedirects)
+
+
 def request(method, url, headers):
     """(status, headers, body) without following redirects or raising on 4xx/5xx."""
     req = urllib.request.Request(url, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=30) as response:
+        with OPENER.open(req, timeout=30) as response:
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()
+
+
+def require_https(url):
+    """The JWT goes over https only (plain http for the local stack on loopback)."""
+    parts = urllib.parse.urlsplit(url)
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        sys.exit(f"refusing to send a JWT to {url}: https only (http only for loopback)")
 
 
 def stack_settings(name):
@@ -98,6 +116,7 @@ def main():
         parser.error("give --stack, or --api-url, --jwt-secret-arn and --frontend-url")
 
     api = settings["api_url"].rstrip("/")
+    require_https(api)
     origin = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(settings["frontend_url"]))
     secrets = boto3.client("secretsmanager")
     key = secrets.get_secret_value(SecretId=settings["jwt_secret_arn"])["SecretString"].strip()

@@ -72,11 +72,12 @@ impl Endpoint for Accounts {
         })
     }
 
+    /// This function also receives every path no route names (API Gateway's `$default`).
+    fn serves(path: &str) -> bool {
+        matches!(path, ROUTE | "/api/oauth/accounts/")
+    }
+
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
-        // This function also answers every path no route names (API Gateway's `$default`).
-        if !matches!(req.uri().path(), ROUTE | "/api/oauth/accounts/") {
-            return Err(ApiError::NotFound("There is no such route."));
-        }
         require_method(req, Method::GET, "GET, OPTIONS")?;
         let user = self.auth.authenticate(req)?;
         let connections = self

@@ -70,7 +70,8 @@ pub enum AuthError {
 }
 
 pub struct JwtVerifier {
-    key: DecodingKey,
+    /// The key as stored and, when they differ, without surrounding whitespace.
+    keys: Vec<DecodingKey>,
     validation: Validation,
 }
 
@@ -114,6 +115,8 @@ struct Claims {
 }
 
 impl JwtVerifier {
+    /// A key put with a trailing newline (`--secret-string file://key.txt`) verifies tokens
+    /// signed with the value as read from Secrets Manager and with the value as typed.
     pub fn hs256(secret: &Secret, issuer: Option<&str>, audience: Option<&str>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
@@ -135,16 +138,25 @@ impl JwtVerifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Self {
-            key: DecodingKey::from_secret(secret.expose().as_bytes()),
-            validation,
+        let (raw, trimmed) = (secret.expose(), secret.expose().trim());
+        let mut keys = vec![DecodingKey::from_secret(trimmed.as_bytes())];
+        if raw != trimmed {
+            keys.push(DecodingKey::from_secret(raw.as_bytes()));
         }
+        Self { keys, validation }
     }
 
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
         check_header(token)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| classify(e.kind()))?;
+        let mut outcome = Err(AuthError::Signature);
+        for key in &self.keys {
+            outcome = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+                .map_err(|e| classify(e.kind()));
+            if !matches!(outcome, Err(AuthError::Signature)) {
+                break;
+            }
+        }
+        let data = outcome?;
         match data.claims.sub {
             Some(serde_json::Value::String(sub)) => UserId::parse(&sub).ok_or(AuthError::Claims),
             _ => Err(AuthError::Claims),
@@ -219,6 +231,37 @@ mod tests {
             .verify(&sign(Algorithm::HS256, claims()))
             .unwrap();
         assert_eq!(user.as_str(), "user-1");
+    }
+
+    /// A key put with a trailing newline: tokens signed with it as read, or as typed, pass;
+    /// an expired one is still reported as expired, and another key as a bad signature.
+    #[test]
+    fn a_key_with_surrounding_whitespace_verifies_both_ways() {
+        let v = JwtVerifier::hs256(
+            &Secret::new(format!("{KEY}\n")),
+            Some("host-app"),
+            Some("klaviyo-connect"),
+        );
+        let with = |key: &str, claims: serde_json::Value| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(key.as_bytes()),
+            )
+            .unwrap()
+        };
+        assert!(v.verify(&with(KEY, claims())).is_ok());
+        assert!(v.verify(&with(&format!("{KEY}\n"), claims())).is_ok());
+        let mut expired = claims();
+        expired["exp"] = json!(now() - LEEWAY_SECS as i64 - 60);
+        assert_eq!(
+            v.verify(&with(&format!("{KEY}\n"), expired)),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            v.verify(&with("another-key", claims())),
+            Err(AuthError::Signature)
+        );
     }
 
     #[test]

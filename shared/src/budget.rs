@@ -91,7 +91,10 @@ pub fn refresh_item() -> Budget {
         )
         .step("re-read after a failed write (did it land?)", AWS)
         .step("queue the unstored token", AWS)
-        .step("or revoke it", REVOKE_TIMEOUT)
+        .step(
+            "or revoke it (again after invalid_client, with the secret read again)",
+            REVOKE_TIMEOUT * 2 + AWS,
+        )
 }
 
 /// One pending revocation in the job: open, revoke, delete or reschedule.

@@ -2,8 +2,9 @@
 //! validated, AWS is configured once (timeouts, retries, `AWS_ENDPOINT_URL`), and the
 //! secrets a function needs are fetched from Secrets Manager once and kept. The Klaviyo client
 //! secret is read again when Klaviyo rejects it (`crate::klaviyo`) and by the refresh job at
-//! the start of every run, so putting a new value takes effect without a redeploy. Secret
-//! values are trimmed: a key put with a trailing newline is the key.
+//! the start of every run, so putting a new value takes effect without a redeploy. A client
+//! secret put with a trailing newline (`file://secret.txt`) is trimmed; the JWT key is
+//! accepted both ways (`crate::auth`), since the host app may sign with either.
 //!
 //! A bad setting stops start-up (nothing can fix it but a deploy). Secrets Manager being
 //! down does not: an HTTP function that could not fetch its secrets at start-up answers 503
@@ -116,6 +117,7 @@ impl Environment {
             &self.config.klaviyo.client_secret_arn,
         )
         .await
+        .map(|secret| Secret::new(secret.expose().trim()))
     }
 
     /// Both secrets at once: start-up waits for one Secrets Manager round trip, not two.
@@ -153,8 +155,7 @@ impl Environment {
             })?;
         output
             .secret_string
-            .map(|value| value.trim().to_owned())
-            .filter(|value| !value.is_empty())
+            .filter(|value| !value.trim().is_empty())
             .map(Secret::new)
             .ok_or(InitError::Secret {
                 setting,
@@ -187,6 +188,12 @@ pub trait Endpoint: Sized + Send + Sync {
         &self,
         req: &Request,
     ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send;
+
+    /// Whether the endpoint answers `path` at all; other paths get 404 before anything is
+    /// built (no secret is read for them).
+    fn serves(_path: &str) -> bool {
+        true
+    }
 
     /// The answer while `build` fails (Secrets Manager unreachable): a 503 unless the
     /// endpoint knows better.
@@ -224,6 +231,9 @@ impl<T: Endpoint> Function<T> {
         let response = self
             .web
             .serve(&req, || async {
+                if !T::serves(req.uri().path()) {
+                    return Err(ApiError::NotFound("There is no such route."));
+                }
                 match self.endpoint().await {
                     Ok(endpoint) => endpoint.respond(&req).await,
                     Err(_) => T::unavailable(&self.env, &req),

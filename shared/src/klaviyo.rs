@@ -217,8 +217,10 @@ impl Klaviyo {
         if loaded_at.elapsed() < fresh {
             return Ok(false);
         }
-        let secret = reload.source.fetch().await?;
+        // Counted as a read whatever its outcome, so a failing Secrets Manager is not asked
+        // again by every caller.
         *loaded_at = Instant::now();
+        let secret = reload.source.fetch().await?;
         Ok(self.replace_secret(&secret))
     }
 
@@ -245,29 +247,29 @@ impl Klaviyo {
 
     /// Runs a call that authenticates as the client. On `invalid_client` the secret is read
     /// again (at most once per `SECRET_RELOAD_INTERVAL`, or when another call already did)
-    /// and, if it changed, the call is made once more.
+    /// and, if it changed, the call is made once more. Only a call that ends rejected raises
+    /// `klaviyo_client_rejected`: a container that catches up with a rotation does not page.
     async fn as_client<T, F, Fut>(&self, call: F) -> Result<T, KlaviyoError>
     where
         F: Fn(Arc<ClientCredentials>) -> Fut,
         Fut: Future<Output = Result<T, KlaviyoError>>,
     {
         let used = self.current();
-        let error = match call(used.clone()).await {
-            Err(error) if error.is_invalid_client() => error,
-            other => return other,
+        let outcome = match call(used.clone()).await {
+            Err(error) if error.is_invalid_client() => match self.reloaded_since(&used).await {
+                true => call(self.current()).await,
+                false => Err(error),
+            },
+            other => other,
         };
-        log_client_rejected();
-        if !self.reloaded_since(&used).await {
-            return Err(error);
+        if outcome.as_ref().is_err_and(KlaviyoError::is_invalid_client) {
+            log_client_rejected();
         }
-        call(self.current()).await.inspect_err(|e| {
-            if e.is_invalid_client() {
-                log_client_rejected();
-            }
-        })
+        outcome
     }
 
-    /// Whether a secret other than `used` is in use now, reading it again if allowed.
+    /// Whether a secret other than `used` is in use now, reading it again if allowed. Callers
+    /// queue behind one read (bounded by the AWS call timeout) and then find it fresh.
     async fn reloaded_since(&self, used: &Arc<ClientCredentials>) -> bool {
         let Some(reload) = &self.reload else {
             return false;
@@ -279,15 +281,15 @@ impl Klaviyo {
         if loaded_at.elapsed() < SECRET_RELOAD_INTERVAL {
             return false;
         }
-        let secret = match reload.source.fetch().await {
-            Ok(secret) => secret,
+        // Counted as a read whatever its outcome (see `reload_client_secret`).
+        *loaded_at = Instant::now();
+        match reload.source.fetch().await {
+            Ok(secret) => self.replace_secret(&secret),
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the Klaviyo client secret again");
-                return false;
+                false
             }
-        };
-        *loaded_at = Instant::now();
-        self.replace_secret(&secret)
+        }
     }
 
     pub fn requested_scopes(&self) -> &[String] {
@@ -373,7 +375,12 @@ impl Klaviyo {
             .http
             .post(&self.revoke_url)
             .timeout(REVOKE_TIMEOUT)
-            .basic_auth(&self.client_id, Some(client.secret.expose()))
+            // RFC 6749 §2.3.1: both parts form-encoded, as `oauth2` sends them to the token
+            // endpoint, so a secret with `+`, `/`, `=` or `:` authenticates the same at both.
+            .basic_auth(
+                form_encoded(&self.client_id),
+                Some(form_encoded(client.secret.expose())),
+            )
             .form(&[
                 ("token", refresh_token.expose()),
                 ("token_type_hint", "refresh_token"),
@@ -435,6 +442,10 @@ impl Klaviyo {
         let body = read_limited(response, MAX_RESPONSE_BODY).await?;
         parse_account(&body)
     }
+}
+
+fn form_encoded(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 fn credentials(unauthenticated: &OAuthClient, secret: &Secret) -> Arc<ClientCredentials> {
@@ -805,6 +816,31 @@ mod tests {
         k.reload_client_secret(Duration::ZERO).await.unwrap();
         assert!(k.reloaded_since(&used).await, "a newer secret is in use");
         assert_eq!(reads(), 3);
+    }
+
+    /// A source whose reads fail.
+    struct Failing(std::sync::atomic::AtomicUsize);
+
+    impl ClientSecretSource for Failing {
+        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err("Secrets Manager unavailable".to_owned()) })
+        }
+    }
+
+    /// A failed read counts as a read: callers after it do not each ask Secrets Manager
+    /// again within the interval.
+    #[tokio::test]
+    async fn a_failed_read_is_not_repeated_by_every_caller() {
+        let source = Arc::new(Failing(Default::default()));
+        let k = klaviyo().with_secret_source(source.clone());
+        assert!(k.reload_client_secret(Duration::ZERO).await.is_err());
+        let used = k.current();
+        for _ in 0..5 {
+            assert!(!k.reloaded_since(&used).await);
+        }
+        assert_eq!(source.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(k.current().secret.expose(), "unit-test-client-secret");
     }
 
     #[test]

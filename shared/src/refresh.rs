@@ -46,7 +46,7 @@ pub const LEASE: time::Duration = time::Duration::seconds(60);
 const PAGE_SIZE: i32 = 1000;
 /// Stop taking new work this long before the Lambda deadline: longer than the worst case of
 /// the one item a worker may have in flight (`crate::budget`).
-pub const DEADLINE_MARGIN: Duration = Duration::from_secs(80);
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(85);
 /// Budget when the invoker gives no deadline.
 const DEFAULT_BUDGET: Duration = Duration::from_secs(240);
 /// Pending revocations attempted per run.
