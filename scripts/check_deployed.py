@@ -28,7 +28,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import os
+
 import boto3
+import botocore.exceptions
 
 CHECK_USER = "klaviyo-connect-deploy-check"
 
@@ -78,8 +81,14 @@ def require_https(url):
         sys.exit(f"refusing to send a JWT to {url}: https only (http only for loopback)")
 
 
+def client(service):
+    # The region as the Rust SDK and the AWS CLI find it (boto3 alone ignores AWS_REGION).
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return boto3.client(service, region_name=region) if region else boto3.client(service)
+
+
 def stack_settings(name):
-    stack = boto3.client("cloudformation").describe_stacks(StackName=name)["Stacks"][0]
+    stack = client("cloudformation").describe_stacks(StackName=name)["Stacks"][0]
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
     parameters = {p["ParameterKey"]: p.get("ParameterValue", "") for p in stack.get("Parameters", [])}
     return {
@@ -118,7 +127,7 @@ def main():
     api = settings["api_url"].rstrip("/")
     require_https(api)
     origin = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(settings["frontend_url"]))
-    secrets = boto3.client("secretsmanager")
+    secrets = client("secretsmanager")
     key = secrets.get_secret_value(SecretId=settings["jwt_secret_arn"])["SecretString"].strip()
     token = jwt(key, settings["issuer"], settings["audience"])
     failures = 0
@@ -170,4 +179,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except botocore.exceptions.NoRegionError:
+        sys.exit("no AWS region: set AWS_REGION (or a region in your AWS profile)")
+    except botocore.exceptions.NoCredentialsError:
+        sys.exit("no AWS credentials: run `aws configure`, or set AWS_PROFILE")
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        sys.exit(f"AWS refused or could not be reached: {error}")

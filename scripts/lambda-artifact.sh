@@ -17,7 +17,12 @@ rustup target add aarch64-unknown-linux-gnu >&2
 mapfile -t binaries < <(sed -n 's/^ *Binary: *\([a-z_-]*\) *$/\1/p' template.yaml)
 args=()
 for b in "${binaries[@]}"; do args+=(--bin "$b"); done
-cargo-lambda lambda build --release --arm64 "${args[@]}" >&2
+mkdir -p target/lambda
+# SAM shows none of this output; it is kept in target/lambda/build.log (and shown on failure).
+if ! cargo-lambda lambda build --release --arm64 "${args[@]}" > target/lambda/build.log 2>&1; then
+  tail -40 target/lambda/build.log >&2
+  exit 1
+fi
 install -m 0755 "target/lambda/$binary/bootstrap" "$ARTIFACTS_DIR/bootstrap"
 # The zip as SAM uploads it, for the functions benchmark's size column.
 .venv/bin/python -c 'import sys, zipfile

@@ -11,6 +11,8 @@ export PATH="$root/.venv/bin:$PATH"
 # No telemetry and no update check: nothing is sent or fetched from the network.
 export SAM_CLI_TELEMETRY=0 SAM_CLI_CHECK_FOR_UPDATES=0
 started=$SECONDS
+echo "sam build: one cargo-lambda build of every function (about 7-13 minutes from a cold target/ on" >&2
+echo "2 cores; SAM shows no cargo output, which goes to target/lambda/build.log)." >&2
 sam build
 echo
 echo "Built by sam build in $(( (SECONDS - started) / 60 )) m $(( (SECONDS - started) % 60 )) s (.aws-sam/build/<Function>/bootstrap):"
@@ -27,5 +29,5 @@ for name in functions:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
         z.write(path, "bootstrap")
     size, zipped = os.path.getsize(path), len(buffer.getvalue())
-    print(f"  {name:<20} {size / 1048576:6.2f} MB  zipped {zipped / 1048576:5.2f} MB  ({zipped} bytes)")
+    print(f"  {name:<20} {size / 1e6:6.2f} MB  zipped {zipped / 1e6:5.2f} MB  ({zipped} bytes)")
 PY
