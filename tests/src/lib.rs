@@ -357,6 +357,16 @@ pub async fn connected_id(token: &str, account: &str) -> String {
         .to_owned()
 }
 
+/// A connection as stored now (decoded by the store, as the functions read it).
+pub async fn stored(user: &str, id: &str) -> shared::Connection {
+    environment()
+        .await
+        .store()
+        .get_connection(&shared::UserId::parse(user).unwrap(), id)
+        .await
+        .expect("connection stored")
+}
+
 /// Pending revocations of a connection (read through the due index, as the job does).
 pub async fn pending_revocations(connection_id: &str) -> usize {
     let far_future = time::OffsetDateTime::now_utc() + time::Duration::days(365);

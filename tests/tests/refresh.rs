@@ -10,21 +10,12 @@
 use e2e::{
     accounts_of, connect_api_key, connect_klaviyo, connected_id, environment, http, inject_fault,
     invoke_refresh, klaviyo_account, refresh_grants, refresh_job, refresh_tokens, register_api_key,
-    sandbox_url, token_for, unique,
+    sandbox_url, stored, token_for, unique,
 };
 use serde_json::json;
 use shared::refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 use shared::{Connection, ConnectionStatus, Credentials, Secret, UserId};
 use time::{Duration, OffsetDateTime};
-
-async fn stored(user: &str, id: &str) -> Connection {
-    environment()
-        .await
-        .store()
-        .get_connection(&UserId::parse(user).unwrap(), id)
-        .await
-        .expect("connection stored")
-}
 
 async fn tokens_of(connection: &Connection) -> (String, String) {
     match Credentials::open(&environment().await.sealer(), connection)

@@ -14,10 +14,9 @@
 
 use e2e::lambda::{LocalLambda, Outcome};
 use e2e::{
-    callback_request, connect_due, environment, klaviyo_account, setting, settings_page, token_for,
+    callback_request, connect_due, klaviyo_account, setting, settings_page, stored, token_for,
     unique,
 };
-use shared::UserId;
 use shared::klaviyo::SECRET_RELOAD_INTERVAL;
 use std::time::{Duration, Instant};
 
@@ -136,12 +135,7 @@ async fn a_client_secret_put_after_start_up_is_used_without_a_restart() {
 
     // The refresh run fails (the Errors alarm and the failed-runs queue see it) and leaves the
     // connection due and untouched: the secret is at fault, not the connection.
-    let before = environment()
-        .await
-        .store()
-        .get_connection(&UserId::parse(&user).unwrap(), &id)
-        .await
-        .expect("stored");
+    let before = stored(&user, &id).await;
     match refresh.invoke(scheduled_event()).await {
         Outcome::Error(error) => {
             let message = error.to_string();
@@ -153,12 +147,7 @@ async fn a_client_secret_put_after_start_up_is_used_without_a_restart() {
         Outcome::Response(summary) => panic!("the run should fail: {summary}"),
     }
     assert!(!events(&refresh.log(), "klaviyo_client_rejected").is_empty());
-    let after = environment()
-        .await
-        .store()
-        .get_connection(&UserId::parse(&user).unwrap(), &id)
-        .await
-        .expect("stored");
+    let after = stored(&user, &id).await;
     assert_eq!(after.version, before.version, "the connection is untouched");
     assert_eq!(after.refresh_failures, 0, "no backoff");
 
@@ -173,12 +162,7 @@ async fn a_client_secret_put_after_start_up_is_used_without_a_restart() {
         }
         Outcome::Error(error) => panic!("the run should succeed now: {error}"),
     }
-    let refreshed = environment()
-        .await
-        .store()
-        .get_connection(&UserId::parse(&user).unwrap(), &id)
-        .await
-        .expect("stored");
+    let refreshed = stored(&user, &id).await;
     assert!(refreshed.last_refreshed_at.is_some(), "{refreshed:?}");
 
     // The callback reads the secret again on its next rejection, at most once a minute, and
