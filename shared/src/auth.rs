@@ -67,12 +67,16 @@ pub enum AuthError {
     Audience,
     #[error("missing or invalid claim")]
     Claims,
+    #[error("token lives longer than JWT_MAX_LIFETIME_SECONDS allows")]
+    Lifetime,
 }
 
 pub struct JwtVerifier {
     /// The key as stored and, when they differ, without surrounding whitespace.
     keys: Vec<DecodingKey>,
     validation: Validation,
+    /// When set, tokens must carry `iat` and live at most this long (`exp - iat`).
+    max_lifetime_secs: Option<u64>,
 }
 
 impl fmt::Debug for JwtVerifier {
@@ -112,6 +116,10 @@ pub fn check_header(token: &str) -> Result<(), AuthError> {
 struct Claims {
     #[serde(default)]
     sub: Option<serde_json::Value>,
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
+    #[serde(default)]
+    exp: Option<serde_json::Value>,
 }
 
 impl JwtVerifier {
@@ -143,7 +151,18 @@ impl JwtVerifier {
         if raw != trimmed {
             keys.push(DecodingKey::from_secret(raw.as_bytes()));
         }
-        Self { keys, validation }
+        Self {
+            keys,
+            validation,
+            max_lifetime_secs: None,
+        }
+    }
+
+    /// Refuses tokens without `iat` or living longer than `max` (`JWT_MAX_LIFETIME_SECONDS`):
+    /// a host app that mints sessions for a day cannot hand out one for a year by mistake.
+    pub fn with_max_lifetime(mut self, max: Option<u64>) -> Self {
+        self.max_lifetime_secs = max;
+        self
     }
 
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
@@ -157,6 +176,14 @@ impl JwtVerifier {
             }
         }
         let data = outcome?;
+        if let Some(max) = self.max_lifetime_secs {
+            let issued = data.claims.iat.as_ref().and_then(serde_json::Value::as_i64);
+            let expires = data.claims.exp.as_ref().and_then(serde_json::Value::as_i64);
+            match (issued, expires) {
+                (Some(iat), Some(exp)) if exp.saturating_sub(iat) <= max as i64 => {}
+                _ => return Err(AuthError::Lifetime),
+            }
+        }
         match data.claims.sub {
             Some(serde_json::Value::String(sub)) => UserId::parse(&sub).ok_or(AuthError::Claims),
             _ => Err(AuthError::Claims),
@@ -261,6 +288,28 @@ mod tests {
         assert_eq!(
             v.verify(&with("another-key", claims())),
             Err(AuthError::Signature)
+        );
+    }
+
+    #[test]
+    fn a_lifetime_cap_needs_iat_and_refuses_longer_tokens() {
+        let v = verifier().with_max_lifetime(Some(3600));
+        let mut c = claims();
+        c["iat"] = json!(now());
+        assert!(v.verify(&sign(Algorithm::HS256, c.clone())).is_ok());
+        c["exp"] = json!(now() + 3601);
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, c)),
+            Err(AuthError::Lifetime)
+        );
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, claims())),
+            Err(AuthError::Lifetime),
+            "no iat"
+        );
+        assert!(
+            verifier().verify(&sign(Algorithm::HS256, claims())).is_ok(),
+            "no cap"
         );
     }
 

@@ -89,6 +89,9 @@ pub struct JwtConfig {
     pub secret_arn: String,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// Longest `exp - iat` accepted (`JWT_MAX_LIFETIME_SECONDS`, 60–86,400); tokens must
+    /// then carry `iat`. Unset: no cap.
+    pub max_lifetime_secs: Option<u64>,
 }
 
 impl Config {
@@ -127,6 +130,12 @@ impl Config {
                 secret_arn: env.token("JWT_SECRET_ARN")?,
                 issuer: env.optional("JWT_ISSUER"),
                 audience: env.optional("JWT_AUDIENCE"),
+                max_lifetime_secs: match env.optional("JWT_MAX_LIFETIME_SECONDS") {
+                    Some(_) => {
+                        Some(env.bounded("JWT_MAX_LIFETIME_SECONDS", 0, 60..=86_400)? as u64)
+                    }
+                    None => None,
+                },
             },
             frontend_url,
             allowed_origins,
@@ -375,6 +384,10 @@ mod tests {
         assert_eq!(config.frontend_url.as_str(), "https://app.example.com/");
         assert_eq!(config.allowed_origins, vec!["https://app.example.com"]);
         assert_eq!(config.jwt.issuer, None);
+        assert_eq!(config.jwt.max_lifetime_secs, None);
+        let mut vars = base();
+        vars.insert("JWT_MAX_LIFETIME_SECONDS", "3600");
+        assert_eq!(load(&vars).unwrap().jwt.max_lifetime_secs, Some(3600));
         assert_eq!(
             config.klaviyo.token_url(),
             "https://a.klaviyo.com/oauth/token"
@@ -423,6 +436,8 @@ mod tests {
             ("REFRESH_CONCURRENCY", "lots"),
             ("CONNECT_RATE_LIMIT", "0"),
             ("CONNECT_RATE_WINDOW_SECONDS", "-5"),
+            ("JWT_MAX_LIFETIME_SECONDS", "59"),
+            ("JWT_MAX_LIFETIME_SECONDS", "86401"),
             ("FRONTEND_URL", "https://user:pw@app.example.com"),
             ("ALLOWED_ORIGINS", "*"),
             ("ALLOWED_ORIGINS", "null"),

@@ -84,18 +84,27 @@ impl Environment {
         Web::new(self.config.allowed_origins.clone())
     }
 
-    /// Fetches the HS256 key once and builds the verifier.
+    /// Fetches the HS256 key once and builds the verifier. A key shorter than 32 bytes (256
+    /// bits, RFC 7518 §3.2) is refused: tokens signed with it could be forged by guessing it.
     pub async fn jwt_verifier(&self) -> Result<JwtVerifier, InitError> {
         let key = self
             .secret("JWT_SECRET_ARN", &self.config.jwt.secret_arn)
             .await
+            .and_then(|key| match key.expose().trim().len() {
+                MIN_JWT_KEY_BYTES.. => Ok(key),
+                _ => Err(InitError::Secret {
+                    setting: "JWT_SECRET_ARN",
+                    reason: format!(
+                        "the key is shorter than {MIN_JWT_KEY_BYTES} bytes; put a random key of at least {MIN_JWT_KEY_BYTES} bytes"
+                    ),
+                }),
+            })
             .inspect_err(log_failure)?;
         let jwt = &self.config.jwt;
-        Ok(JwtVerifier::hs256(
-            &key,
-            jwt.issuer.as_deref(),
-            jwt.audience.as_deref(),
-        ))
+        Ok(
+            JwtVerifier::hs256(&key, jwt.issuer.as_deref(), jwt.audience.as_deref())
+                .with_max_lifetime(jwt.max_lifetime_secs),
+        )
     }
 
     /// Fetches the Klaviyo client secret and builds the client, which reads it again from
@@ -247,6 +256,9 @@ impl<T: Endpoint> Function<T> {
 fn log_failure(error: &impl fmt::Display) {
     tracing::error!(error = %error, "start-up failed");
 }
+
+/// Shortest HS256 key accepted (the hash's output size).
+pub const MIN_JWT_KEY_BYTES: usize = 32;
 
 /// Longest wait to connect to an AWS endpoint.
 pub const AWS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -87,6 +87,18 @@ fn scheduled_event() -> serde_json::Value {
     serde_json::from_str(include_str!("../../events/scheduled.json")).expect("event fixture")
 }
 
+/// The accounts route, with a valid token for a new user signed with `key`.
+async fn list_signed_with(accounts: &LocalLambda, key: &str) -> e2e::lambda::HttpReply {
+    let token = e2e::sign(
+        jsonwebtoken::Algorithm::HS256,
+        key,
+        &e2e::claims(&unique("user")),
+    );
+    accounts
+        .http(e2e::lambda::ApiRequest::new("GET", "/api/oauth/accounts").bearer(&token))
+        .await
+}
+
 /// Log lines of a function with the given `event`, parsed.
 fn events(log: &str, event: &str) -> Vec<serde_json::Value> {
     log.lines()
@@ -198,24 +210,43 @@ async fn a_jwt_key_put_with_a_trailing_newline_is_the_key() {
     let as_stored = get_secret("JWT_SECRET_ARN").await;
     assert!(as_stored.ends_with('\n'));
     for key in [as_stored.as_str(), as_stored.trim()] {
-        let token = e2e::sign(
-            jsonwebtoken::Algorithm::HS256,
-            key,
-            &e2e::claims(&unique("user")),
-        );
-        let listed = accounts
-            .http(e2e::lambda::ApiRequest::new("GET", "/api/oauth/accounts").bearer(&token))
-            .await;
+        let listed = list_signed_with(&accounts, key).await;
         assert_eq!(listed.status, 200, "{key:?}: {}", listed.body);
         assert_eq!(listed.json()["success"], true);
     }
-    let other = e2e::sign(
-        jsonwebtoken::Algorithm::HS256,
-        &format!("{}x", as_stored.trim()),
-        &e2e::claims(&unique("user")),
+    let other = format!("{}x", as_stored.trim());
+    assert_eq!(list_signed_with(&accounts, &other).await.status, 401);
+}
+
+/// An HS256 key shorter than 32 bytes could be guessed: the functions refuse it, say which
+/// setting is at fault, and answer 503 until a proper key is put.
+#[tokio::test]
+async fn a_short_jwt_key_is_refused_naming_the_setting() {
+    let _serial = SERIAL.lock().await;
+    let restore = RestoreOnDrop::new("JWT_SECRET_ARN").await;
+    let short = "only-31-bytes-long-not-a-key!!!";
+    assert_eq!(short.len(), 31);
+    put_secret("JWT_SECRET_ARN", short).await;
+    let accounts = LocalLambda::start("accounts", &[]).await;
+    let refused = list_signed_with(&accounts, short).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "service_unavailable");
+    let log = accounts.log();
+    assert!(
+        log.contains("JWT_SECRET_ARN") && log.contains("shorter than 32 bytes"),
+        "{log}"
     );
-    let refused = accounts
-        .http(e2e::lambda::ApiRequest::new("GET", "/api/oauth/accounts").bearer(&other))
-        .await;
-    assert_eq!(refused.status, 401);
+    assert!(!log.contains(short), "the key is never logged");
+    drop(restore);
+    assert_eq!(
+        accounts
+            .http(
+                e2e::lambda::ApiRequest::new("GET", "/api/oauth/accounts")
+                    .bearer(&e2e::token_for(&unique("user")).await)
+            )
+            .await
+            .status,
+        200,
+        "a proper key is picked up on the next request"
+    );
 }

@@ -648,9 +648,10 @@ fn parameters_accept_only_what_the_functions_accept() {
                 }
             })
         };
-        let numeric = parameter["Default"]
+        // Whole-number parameters: their patterns are made of digits and alternatives only.
+        let numeric = parameter["AllowedPattern"]
             .as_str()
-            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+            .is_some_and(|p| p.chars().all(|c| "^$()[]{}|,?-0123456789".contains(c)));
         let mut both = 0;
         for value in samples.iter().chain(&numbers) {
             let template = accepts.value(value);
