@@ -179,9 +179,9 @@ impl JwtVerifier {
         if let Some(max) = self.max_lifetime_secs {
             let issued = data.claims.iat.as_ref().and_then(serde_json::Value::as_i64);
             let expires = data.claims.exp.as_ref().and_then(serde_json::Value::as_i64);
-            match (issued, expires) {
-                (Some(iat), Some(exp)) if exp.saturating_sub(iat) <= max as i64 => {}
-                _ => return Err(AuthError::Lifetime),
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if !lifetime_within(issued, expires, max, now) {
+                return Err(AuthError::Lifetime);
             }
         }
         match data.claims.sub {
@@ -205,6 +205,20 @@ impl JwtVerifier {
             );
             ApiError::Unauthorized
         })
+    }
+}
+
+/// Issued (not in the future, beyond the leeway), expiring after it was issued, and living at
+/// most `max` seconds: so `exp` is at most `now + max + leeway` whatever the token claims
+/// (an `iat` in milliseconds, or years ahead, cannot stretch it).
+fn lifetime_within(iat: Option<i64>, exp: Option<i64>, max: u64, now: i64) -> bool {
+    match (iat, exp) {
+        (Some(iat), Some(exp)) => {
+            iat <= now.saturating_add(LEEWAY_SECS as i64)
+                && iat <= exp
+                && exp.saturating_sub(iat) <= max as i64
+        }
+        _ => false,
     }
 }
 
@@ -311,6 +325,45 @@ mod tests {
             verifier().verify(&sign(Algorithm::HS256, claims())).is_ok(),
             "no cap"
         );
+        // Tokens that would stretch the cap: iat in the future or in milliseconds.
+        let mut future = claims();
+        future["iat"] = json!(now() + 10 * 365 * 86_400);
+        future["exp"] = json!(now() + 10 * 365 * 86_400 + 60);
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, future)),
+            Err(AuthError::Lifetime)
+        );
+        let mut millis = claims();
+        millis["iat"] = json!(now() * 1000);
+        millis["exp"] = json!(now() * 1000 + 900);
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, millis)),
+            Err(AuthError::Lifetime)
+        );
+    }
+
+    #[test]
+    fn lifetime_bounds_are_exact() {
+        let now = 1_800_000_000;
+        assert!(lifetime_within(Some(now), Some(now + 3600), 3600, now));
+        assert!(!lifetime_within(Some(now), Some(now + 3601), 3600, now));
+        assert!(
+            lifetime_within(Some(now + 30), Some(now + 90), 3600, now),
+            "leeway"
+        );
+        assert!(!lifetime_within(Some(now + 31), Some(now + 90), 3600, now));
+        assert!(
+            !lifetime_within(Some(now), Some(now - 1), 3600, now),
+            "iat after exp"
+        );
+        assert!(!lifetime_within(
+            Some(now * 1000),
+            Some(now + 60),
+            3600,
+            now
+        ));
+        assert!(!lifetime_within(None, Some(now + 60), 3600, now));
+        assert!(!lifetime_within(Some(i64::MAX), Some(i64::MAX), 3600, now));
     }
 
     #[test]

@@ -90,17 +90,17 @@ impl Environment {
         let key = self
             .secret("JWT_SECRET_ARN", &self.config.jwt.secret_arn)
             .await
-            .and_then(|key| match key.expose().trim().len() {
-                MIN_JWT_KEY_BYTES.. => Ok(key),
-                _ => Err(InitError::Secret {
-                    setting: "JWT_SECRET_ARN",
-                    reason: format!(
-                        "the key is shorter than {MIN_JWT_KEY_BYTES} bytes; put a random key of at least {MIN_JWT_KEY_BYTES} bytes"
-                    ),
-                }),
-            })
+            .and_then(long_enough)
             .inspect_err(log_failure)?;
         let jwt = &self.config.jwt;
+        if jwt.issuer.is_none() || jwt.audience.is_none() {
+            // The template always sets both; without them any token signed with this key
+            // (a password reset, an invitation) is a session here.
+            tracing::warn!(
+                event = "jwt_claims_unchecked",
+                "JWT_ISSUER or JWT_AUDIENCE is not set: tokens are not checked for them"
+            );
+        }
         Ok(
             JwtVerifier::hs256(&key, jwt.issuer.as_deref(), jwt.audience.as_deref())
                 .with_max_lifetime(jwt.max_lifetime_secs),
@@ -260,6 +260,19 @@ fn log_failure(error: &impl fmt::Display) {
 /// Shortest HS256 key accepted (the hash's output size).
 pub const MIN_JWT_KEY_BYTES: usize = 32;
 
+/// The JWT key without its surrounding whitespace is at least `MIN_JWT_KEY_BYTES` long.
+fn long_enough(key: Secret) -> Result<Secret, InitError> {
+    match key.expose().trim().len() {
+        MIN_JWT_KEY_BYTES.. => Ok(key),
+        _ => Err(InitError::Secret {
+            setting: "JWT_SECRET_ARN",
+            reason: format!(
+                "the key is shorter than {MIN_JWT_KEY_BYTES} bytes; put a random key of at least {MIN_JWT_KEY_BYTES} bytes"
+            ),
+        }),
+    }
+}
+
 /// Longest wait to connect to an AWS endpoint.
 pub const AWS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest wait for one attempt of an AWS call (DynamoDB and KMS answer in milliseconds).
@@ -282,4 +295,26 @@ async fn load_aws() -> SdkConfig {
         .retry_config(RetryConfig::standard().with_max_attempts(AWS_ATTEMPTS))
         .load()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_keys_are_measured_without_surrounding_whitespace() {
+        let short = "x".repeat(MIN_JWT_KEY_BYTES - 1);
+        for key in [short.clone(), format!("{short}\n"), format!("   {short}  ")] {
+            let error = long_enough(Secret::new(key)).unwrap_err().to_string();
+            assert!(
+                error.contains("JWT_SECRET_ARN") && error.contains("shorter than 32"),
+                "{error}"
+            );
+        }
+        assert!(long_enough(Secret::new("x".repeat(MIN_JWT_KEY_BYTES))).is_ok());
+        assert!(
+            long_enough(Secret::new(format!("{}\n", "é".repeat(16)))).is_ok(),
+            "bytes"
+        );
+    }
 }

@@ -122,3 +122,33 @@ async fn jwt_matrix() {
         assert_eq!(verifier.verify(&token), Err(expected), "{name}");
     }
 }
+
+/// `JWT_MAX_LIFETIME_SECONDS` reaches the functions: with a five-minute cap, a token for five
+/// minutes passes and one for fifteen (or one without `iat`) is a 401.
+#[tokio::test]
+async fn the_lifetime_cap_is_enforced_by_the_functions() {
+    let accounts =
+        e2e::lambda::LocalLambda::start("accounts", &[("JWT_MAX_LIFETIME_SECONDS", "300".into())])
+            .await;
+    let key = jwt_key().await;
+    let list = |claims: serde_json::Value| {
+        let token = sign(Algorithm::HS256, &key, &claims);
+        let accounts = &accounts;
+        async move {
+            accounts
+                .http(e2e::lambda::ApiRequest::new("GET", "/api/oauth/accounts").bearer(&token))
+                .await
+                .status
+        }
+    };
+    let mut short = claims(&unique("user"));
+    short["iat"] = json!(now());
+    short["exp"] = json!(now() + 300);
+    assert_eq!(list(short.clone()).await, 200);
+    let mut long = short.clone();
+    long["exp"] = json!(now() + 900);
+    assert_eq!(list(long).await, 401);
+    let mut no_iat = short;
+    no_iat.as_object_mut().unwrap().remove("iat");
+    assert_eq!(list(no_iat).await, 401);
+}
