@@ -214,6 +214,17 @@ impl Klaviyo {
             return Ok(false);
         };
         let mut loaded_at = reload.loaded_at.lock().await;
+        self.read_again(reload, &mut loaded_at, fresh).await
+    }
+
+    /// Reads the secret unless it was read within `fresh`, and installs it if it is new. The
+    /// caller holds `loaded_at`'s lock, so concurrent callers wait for one read.
+    async fn read_again(
+        &self,
+        reload: &Reload,
+        loaded_at: &mut Instant,
+        fresh: Duration,
+    ) -> Result<bool, String> {
         if loaded_at.elapsed() < fresh {
             return Ok(false);
         }
@@ -278,13 +289,11 @@ impl Klaviyo {
         if !Arc::ptr_eq(&self.current(), used) {
             return true;
         }
-        if loaded_at.elapsed() < SECRET_RELOAD_INTERVAL {
-            return false;
-        }
-        // Counted as a read whatever its outcome (see `reload_client_secret`).
-        *loaded_at = Instant::now();
-        match reload.source.fetch().await {
-            Ok(secret) => self.replace_secret(&secret),
+        match self
+            .read_again(reload, &mut loaded_at, SECRET_RELOAD_INTERVAL)
+            .await
+        {
+            Ok(replaced) => replaced,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the Klaviyo client secret again");
                 false
