@@ -114,12 +114,25 @@ pub fn revocation_item() -> Budget {
 /// (the refresh job plans its work by its deadline). `None` for an unknown function.
 pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
     Some(match binary {
-        // The slower of its two routes: an API key (the OAuth start is two AWS calls).
-        "connect" => replace(
-            http_request()
-                .step("rate-limit counter", AWS)
-                .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS)),
-        ),
+        // The slowest of its routes: an API key or a completion (the OAuth start is two AWS
+        // calls; a refused completion is a claim and an inline revocation).
+        "connect" => {
+            let api_key = replace(
+                http_request()
+                    .step("rate-limit counter", AWS)
+                    .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS)),
+            );
+            let complete = replace(http_request().step("rate-limit counter", AWS).step(
+                "claim the parked result (a read if the answer was lost)",
+                AWS * 2,
+            ))
+            .step("give the claim back after a failed write", AWS);
+            if complete.total() > api_key.total() {
+                complete
+            } else {
+                api_key
+            }
+        }
         "callback" => {
             let budget = http_request()
                 .step("consume the pending state", AWS)

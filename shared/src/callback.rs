@@ -1,18 +1,22 @@
 //! `GET /klaviyo/oauthcallback`: where Klaviyo sends the browser back after consent.
 //!
-//! Always answers with a redirect to `<FRONTEND_URL>/settings`: `?connected=klaviyo` on
-//! success, `?error=klaviyo_access_denied` when the user clicked Deny, and
+//! Always answers with a redirect to `<FRONTEND_URL>/settings`: on success
+//! `?connected=klaviyo&completion=<handle>` (or `?connected=klaviyo` with
+//! `CONNECT_COMPLETION=off`), `?error=klaviyo_access_denied` when the user clicked Deny, and
 //! `?error=klaviyo_connection_failed` for everything else. The steps, each failing closed:
 //! consume the pending state once; exchange the code with the PKCE verifier; fetch the
-//! Klaviyo account; seal the tokens; upsert the connection. Tokens obtained for a flow that
-//! then fails are revoked, so no grant is left behind without a connection.
+//! Klaviyo account; seal the tokens; then park the result for the user's own session to
+//! complete (`crate::complete`), or with completion off upsert the connection. Tokens
+//! obtained for a flow that then fails are revoked, so no grant is left behind unstored.
 
+use crate::config::ConnectCompletion;
 use crate::context::{Endpoint, Environment, InitError};
 use crate::crypto::{CryptoError, Purpose, Sealer};
 use crate::http::{ApiError, FrontendRedirects, query_param, require_method};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
 use crate::model::{
-    AuthType, Connection, ConnectionStatus, Credentials, PendingRevocation, REFRESH_LEAD,
+    AuthType, Connection, ConnectionStatus, Credentials, ParkedConnection, PendingRevocation,
+    REFRESH_LEAD,
 };
 use crate::revocation::{INLINE_BUDGET, Revoker};
 use crate::secret::Secret;
@@ -30,6 +34,14 @@ pub struct Callback {
     sealer: Sealer,
     klaviyo: Klaviyo,
     revoker: Revoker,
+    completion: ConnectCompletion,
+}
+
+/// What a successful callback did.
+enum Outcome {
+    /// Parked for the user's own session to complete, under this handle.
+    Parked(Connection, Secret),
+    Connected(Connection),
 }
 
 /// Why a callback did not connect an account; for logs (the browser sees two pages).
@@ -60,6 +72,7 @@ impl Endpoint for Callback {
             sealer: env.sealer(),
             revoker: env.revoker(klaviyo.clone()),
             klaviyo,
+            completion: env.config.connect_completion,
         })
     }
 
@@ -82,9 +95,21 @@ impl Endpoint for Callback {
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         require_method(req, Method::GET, "GET")?;
         Ok(match self.complete(req).await {
-            Ok(connection) => {
+            Ok(Outcome::Parked(connection, handle)) => {
+                tracing::info!(
+                    event = "oauth_awaiting_completion",
+                    user_id = %connection.user_id,
+                    connection_id = %connection.id,
+                    klaviyo_account_id = %connection.klaviyo_account_id,
+                    "Klaviyo authorized; waiting for the user's session to complete"
+                );
+                self.frontend
+                    .settings_with(&[("connected", "klaviyo"), ("completion", handle.expose())])
+            }
+            Ok(Outcome::Connected(connection)) => {
                 tracing::info!(
                     event = "klaviyo_connected",
+                    auth_type = "oauth",
                     user_id = %connection.user_id,
                     connection_id = %connection.id,
                     klaviyo_account_id = %connection.klaviyo_account_id,
@@ -114,7 +139,7 @@ impl Endpoint for Callback {
 }
 
 impl Callback {
-    async fn complete(&self, req: &Request) -> Result<Connection, Failure> {
+    async fn complete(&self, req: &Request) -> Result<Outcome, Failure> {
         let state = bounded(query_param(req, "state"));
         if let Some(error) = query_param(req, "error") {
             // Consume the state anyway so the pending authorization cannot be used later.
@@ -159,13 +184,26 @@ impl Callback {
                 return Err(failure);
             }
         };
+        if self.completion == ConnectCompletion::Required {
+            // One write parks the result and queues its revocation for when the completion
+            // window has passed. A failed write may have landed (then the job revokes it) or
+            // not (then nothing else would): revoked now either way, which is harmless twice.
+            let (parked, handle) = ParkedConnection::new(connection, OffsetDateTime::now_utc());
+            return match self.store.park_connection(&parked).await {
+                Ok(()) => Ok(Outcome::Parked(parked.connection, handle)),
+                Err(e) => {
+                    self.revoke_abandoned(&tokens).await;
+                    Err(e.into())
+                }
+            };
+        }
         // A reconnect replaces the old tokens and queues the old refresh token's revocation
         // in one transaction.
         match self.revoker.replace(&connection).await {
-            Ok(stored) => Ok(stored),
+            Ok(stored) => Ok(Outcome::Connected(stored)),
             Err(e) => {
                 match self.stored_after_all(&connection).await {
-                    Some(true) => return Ok(connection),
+                    Some(true) => return Ok(Outcome::Connected(connection)),
                     Some(false) => self.revoke_abandoned(&tokens).await,
                     // Queued, the job revokes them unless they turn out to be stored.
                     None => self.queue_in_doubt(&connection).await,

@@ -49,6 +49,19 @@ pub struct Config {
     /// (`CONNECT_RATE_LIMIT`, 1–10,000, default 10, per `CONNECT_RATE_WINDOW_SECONDS`,
     /// 1–86,400, default 60).
     pub connect_rate: RateLimit,
+    /// Whether an OAuth connect waits for the user's own session to complete it
+    /// (`CONNECT_COMPLETION`, `required` by default, or `off`).
+    pub connect_completion: ConnectCompletion,
+}
+
+/// `CONNECT_COMPLETION`: `Required` parks the callback's result until the user who started
+/// the flow completes it from their own session (`crate::complete`); `Off` connects at the
+/// callback, so whoever's browser follows an authorize URL connects their Klaviyo account to
+/// the user who started it (SECURITY.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectCompletion {
+    Required,
+    Off,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +156,16 @@ impl Config {
             connect_rate: RateLimit {
                 limit: env.bounded("CONNECT_RATE_LIMIT", 10, 1..=10_000)? as u32,
                 window_secs: env.bounded("CONNECT_RATE_WINDOW_SECONDS", 60, 1..=86_400)? as u32,
+            },
+            connect_completion: match env.optional("CONNECT_COMPLETION").as_deref() {
+                None | Some("required") => ConnectCompletion::Required,
+                Some("off") => ConnectCompletion::Off,
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "CONNECT_COMPLETION",
+                        "must be `required` or `off`",
+                    ));
+                }
             },
         })
     }
@@ -385,6 +408,13 @@ mod tests {
         assert_eq!(config.allowed_origins, vec!["https://app.example.com"]);
         assert_eq!(config.jwt.issuer, None);
         assert_eq!(config.jwt.max_lifetime_secs, None);
+        assert_eq!(config.connect_completion, ConnectCompletion::Required);
+        let mut off = base();
+        off.insert("CONNECT_COMPLETION", "off");
+        assert_eq!(
+            load(&off).unwrap().connect_completion,
+            ConnectCompletion::Off
+        );
         let mut vars = base();
         vars.insert("JWT_MAX_LIFETIME_SECONDS", "3600");
         assert_eq!(load(&vars).unwrap().jwt.max_lifetime_secs, Some(3600));
@@ -438,6 +468,8 @@ mod tests {
             ("CONNECT_RATE_WINDOW_SECONDS", "-5"),
             ("JWT_MAX_LIFETIME_SECONDS", "59"),
             ("JWT_MAX_LIFETIME_SECONDS", "86401"),
+            ("CONNECT_COMPLETION", "Required"),
+            ("CONNECT_COMPLETION", "no"),
             ("FRONTEND_URL", "https://user:pw@app.example.com"),
             ("ALLOWED_ORIGINS", "*"),
             ("ALLOWED_ORIGINS", "null"),

@@ -1,8 +1,11 @@
-//! `GET /api/oauth/connect/klaviyo` (start OAuth) and
-//! `POST /api/oauth/connect/klaviyo/api-key` (connect with a private API key).
+//! `GET /api/oauth/connect/klaviyo` (start OAuth),
+//! `POST /api/oauth/connect/klaviyo/complete` (finish it from the user's session,
+//! `crate::complete`) and `POST /api/oauth/connect/klaviyo/api-key` (connect with a private
+//! API key).
 
 use crate::accounts::AccountView;
 use crate::auth::{JwtVerifier, UserId};
+use crate::complete::Completer;
 use crate::context::{Endpoint, Environment, InitError};
 use crate::crypto::{Purpose, Sealer};
 use crate::http::{ApiError, json, json_body, query_param, require_method, unavailable};
@@ -11,7 +14,7 @@ use crate::model::{
     AuthType, Connection, ConnectionStatus, Credentials, PENDING_AUTHORIZATION_TTL,
     PendingAuthorization, parse_account_name,
 };
-use crate::rate_limit::{Admission, RateLimit, RateWindow};
+use crate::rate_limit::{Admission, RateLimit, RateWindow, Scope};
 use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::Store;
@@ -30,6 +33,7 @@ pub struct Connect {
     klaviyo: Klaviyo,
     revoker: Revoker,
     rate: RateLimit,
+    completer: Completer,
 }
 
 #[derive(Deserialize)]
@@ -55,22 +59,29 @@ struct AuthUrlBody {
 impl Endpoint for Connect {
     async fn build(env: &Environment) -> Result<Self, InitError> {
         let (klaviyo, auth) = env.klaviyo_and_jwt_verifier().await?;
+        let revoker = env.revoker(klaviyo.clone());
         Ok(Self {
             auth,
             store: env.store(),
             sealer: env.sealer(),
-            revoker: env.revoker(klaviyo.clone()),
+            completer: Completer::new(env.store(), revoker.clone(), env.config.connect_rate),
+            revoker,
             klaviyo,
             rate: env.config.connect_rate,
         })
     }
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
-        let is_api_key_route = req.uri().path().trim_end_matches('/').ends_with("/api-key");
-        if is_api_key_route {
+        let path = req.uri().path().trim_end_matches('/');
+        if path.ends_with("/api-key") {
             require_method(req, Method::POST, "POST, OPTIONS")?;
             let user = self.auth.authenticate(req)?;
             return self.connect_api_key(user, req).await;
+        }
+        if path.ends_with("/complete") {
+            require_method(req, Method::POST, "POST, OPTIONS")?;
+            let user = self.auth.authenticate(req)?;
+            return self.completer.complete(user, req).await;
         }
         require_method(req, Method::GET, "GET, OPTIONS")?;
         let user = self.auth.authenticate(req)?;
@@ -132,7 +143,7 @@ impl Connect {
         let window = self.rate.window_at(OffsetDateTime::now_utc());
         let admission = self
             .store
-            .count_connect_attempt(&user, &window)
+            .count_attempt(&user, Scope::Connect, &window)
             .await
             .map_err(|e| unavailable("dynamodb", &e))?;
         admit(admission, &user, &window)?;

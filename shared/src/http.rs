@@ -160,8 +160,13 @@ impl FrontendRedirects {
 
     /// `<FRONTEND_URL>/settings?<key>=<value>`.
     pub fn settings(&self, key: &str, value: &str) -> Response<Body> {
+        self.settings_with(&[(key, value)])
+    }
+
+    /// `<FRONTEND_URL>/settings?<key>=<value>&…`.
+    pub fn settings_with(&self, pairs: &[(&str, &str)]) -> Response<Body> {
         let mut url = self.settings.clone();
-        url.query_pairs_mut().append_pair(key, value);
+        url.query_pairs_mut().extend_pairs(pairs);
         redirect(&url)
     }
 }

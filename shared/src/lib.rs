@@ -1,12 +1,13 @@
 //! klaviyo-connect's core: everything the five Lambda functions do, so that each binary is
 //! a few lines. Infrastructure modules (`config`, `context`, `auth`, `crypto`, `store`,
-//! `http`, `telemetry`) serve one module per use case (`connect`, `callback`, `accounts`,
-//! `disconnect`, `refresh`), which is where a request goes.
+//! `http`, `telemetry`) serve one module per use case (`connect`, `callback`, `complete`,
+//! `accounts`, `disconnect`, `refresh`), which is where a request goes.
 
 pub mod accounts;
 pub mod auth;
 pub mod budget;
 pub mod callback;
+pub mod complete;
 pub mod config;
 pub mod connect;
 pub mod context;
@@ -28,7 +29,8 @@ pub use context::{Environment, InitError};
 pub use crypto::{Purpose, SealContext, SealedBlob, Sealer};
 pub use http::ApiError;
 pub use model::{
-    AuthType, Connection, ConnectionStatus, Credentials, PendingAuthorization, PendingRevocation,
+    AuthType, Connection, ConnectionStatus, Credentials, ParkedConnection, PendingAuthorization,
+    PendingRevocation,
 };
 pub use refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 pub use secret::Secret;

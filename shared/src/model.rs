@@ -1,5 +1,6 @@
-//! The domain: a user's `Connection` to a Klaviyo account and the `PendingAuthorization`
-//! that exists between clicking "Connect" and Klaviyo's redirect back.
+//! The domain: a user's `Connection` to a Klaviyo account, the `PendingAuthorization`
+//! that exists between clicking "Connect" and Klaviyo's redirect back, and the
+//! `ParkedConnection` that waits for the user's own session to complete it.
 
 use crate::auth::UserId;
 use crate::crypto::{CryptoError, DataKey, Purpose, SealContext, SealedBlob, Sealer};
@@ -12,6 +13,12 @@ use zeroize::Zeroizing;
 
 /// How long a user has to finish Klaviyo's consent screen.
 pub const PENDING_AUTHORIZATION_TTL: time::Duration = time::Duration::minutes(10);
+
+/// How long a parked OAuth result waits for its completion.
+pub const COMPLETION_TTL: time::Duration = time::Duration::minutes(10);
+/// The refresh job revokes a parked result nobody completed this long after its deadline, so
+/// a completion that is still writing when the deadline passes cannot race the revocation.
+pub const COMPLETION_GRACE: time::Duration = time::Duration::minutes(1);
 
 /// A Klaviyo refresh token unused this long has expired; a revocation still pending after
 /// that has nothing left to revoke.
@@ -292,6 +299,73 @@ impl PendingRevocation {
     }
 }
 
+/// An OAuth result the callback parked until the user who started the flow completes it from
+/// their own session (`CONNECT_COMPLETION=required`): the connection as it will be stored,
+/// its tokens already sealed for it. It is stored as a pending revocation due when the
+/// completion window has passed, so the one write that parks it also schedules its
+/// revocation: a result nobody completes (a crash, a closed tab, an attack) is revoked by the
+/// refresh job like any other token that left its connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedConnection {
+    /// Hex SHA-256 of the completion handle: the table never holds the handle itself.
+    pub handle_hash: String,
+    pub connection: Connection,
+    pub complete_by: OffsetDateTime,
+}
+
+impl ParkedConnection {
+    /// Parks `connection` under a fresh handle; returns it and the handle for the browser.
+    pub fn new(connection: Connection, now: OffsetDateTime) -> (Self, Secret) {
+        let handle = random_handle();
+        let parked = Self {
+            handle_hash: Self::hash_handle(handle.expose()),
+            connection,
+            complete_by: now + COMPLETION_TTL,
+        };
+        (parked, handle)
+    }
+
+    /// Hex SHA-256 of a completion handle.
+    pub fn hash_handle(handle: &str) -> String {
+        hex(&Sha256::digest(handle.as_bytes()))
+    }
+
+    /// The shape of a handle this service issues: 43 base64url characters (32 bytes).
+    pub fn is_well_formed(handle: &str) -> bool {
+        handle.len() == HANDLE_CHARS
+            && handle
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
+    /// The revocation the parked tokens are queued as: due once the completion window and
+    /// its grace have passed.
+    pub fn revocation(&self) -> PendingRevocation {
+        let connection = &self.connection;
+        PendingRevocation {
+            id: self.handle_hash.clone(),
+            user_id: connection.user_id.clone(),
+            connection_id: connection.id.clone(),
+            credentials: connection.credentials.clone(),
+            created_at: connection.updated_at,
+            attempts: 0,
+            due_at: self.complete_by + COMPLETION_GRACE,
+            expires_at: connection.updated_at + REFRESH_TOKEN_IDLE_LIFETIME,
+        }
+    }
+}
+
+/// Characters of a completion handle: 32 random bytes, base64url without padding.
+const HANDLE_CHARS: usize = 43;
+
+fn random_handle() -> Secret {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    rand::rng().fill_bytes(bytes.as_mut());
+    Secret::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref()))
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -332,6 +406,52 @@ mod tests {
         assert!(parse_account_name(Some("")).is_err());
         assert!(parse_account_name(Some("a\nb")).is_err());
         assert!(parse_account_name(Some("a\u{7f}b")).is_err());
+    }
+
+    #[test]
+    fn completion_handles_are_random_well_formed_and_stored_hashed() {
+        let alice = UserId::parse("alice").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let connection = Connection {
+            id: Connection::id_for(&alice, "KLAV1"),
+            user_id: alice,
+            account_name: DEFAULT_ACCOUNT_NAME.into(),
+            klaviyo_account_id: "KLAV1".into(),
+            klaviyo_account_name: "Org".into(),
+            auth_type: AuthType::OAuth,
+            status: ConnectionStatus::Active,
+            scopes: vec![],
+            connected_at: now,
+            updated_at: now,
+            last_refreshed_at: None,
+            access_token_expires_at: None,
+            refresh_due_at: None,
+            refresh_failures: 0,
+            credentials: SealedBlob::from_bytes(vec![1, 2, 3]),
+            version: 0,
+        };
+        let (parked, handle) = ParkedConnection::new(connection.clone(), now);
+        let (_, other) = ParkedConnection::new(connection, now);
+        assert!(ParkedConnection::is_well_formed(handle.expose()));
+        assert_ne!(handle.expose(), other.expose());
+        assert_eq!(
+            parked.handle_hash,
+            ParkedConnection::hash_handle(handle.expose())
+        );
+        assert_ne!(parked.handle_hash, handle.expose());
+        assert_eq!(parked.complete_by, now + COMPLETION_TTL);
+        let revocation = parked.revocation();
+        assert_eq!(revocation.due_at, now + COMPLETION_TTL + COMPLETION_GRACE);
+        assert_eq!(revocation.connection_id, parked.connection.id);
+        for bad in [
+            "",
+            "short",
+            &"a".repeat(44),
+            &format!("{}=", "a".repeat(42)),
+            &format!("{}/", "a".repeat(42)),
+        ] {
+            assert!(!ParkedConnection::is_well_formed(bad), "{bad}");
+        }
     }
 
     #[test]

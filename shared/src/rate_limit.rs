@@ -1,5 +1,6 @@
-//! Per-user rate limiting on the connect routes (OAuth start and API key together): a
-//! fixed-window counter per user, kept in DynamoDB so every container sees the same count,
+//! Per-user rate limiting on the connect routes (OAuth start and API key together, and
+//! completions on a counter of their own): a fixed-window counter per user and scope, kept in
+//! DynamoDB so every container sees the same count,
 //! with the table's TTL removing old windows. API Gateway throttling protects the service
 //! as a whole; this stops one user (or one stolen token) from filling the table with pending
 //! authorizations or spending Klaviyo's per-account rate limit on key checks.
@@ -40,6 +41,25 @@ impl RateWindow {
     /// request is told.
     pub fn retry_after_secs(&self, now: OffsetDateTime) -> u64 {
         (self.ends_at - now.unix_timestamp()).max(1) as u64
+    }
+}
+
+/// What a counter counts. Completions have their own counter with the same limit, so a user
+/// who started many flows can still finish the one they meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// OAuth starts and API keys.
+    Connect,
+    /// OAuth completions.
+    Complete,
+}
+
+impl Scope {
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Connect => "CONNECT",
+            Self::Complete => "COMPLETE",
+        }
     }
 }
 

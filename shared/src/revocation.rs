@@ -9,7 +9,7 @@ use crate::crypto::{CryptoError, Sealer};
 use crate::klaviyo::{Klaviyo, KlaviyoError, REVOKE_TIMEOUT};
 use crate::model::{AuthType, Connection, PendingRevocation};
 use crate::secret::Secret;
-use crate::store::{Store, StoreError};
+use crate::store::{Claim, Store, StoreError};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -104,6 +104,16 @@ impl Revoker {
     /// transaction, then revokes it inline (`INLINE_BUDGET`). Re-reads and retries when the
     /// connection changes in between (`REPLACE_ATTEMPTS`).
     pub async fn replace(&self, connection: &Connection) -> Result<Connection, StoreError> {
+        self.replace_claiming(connection, None).await
+    }
+
+    /// `replace`, turning a claimed parked connection into `connection` in the same
+    /// transaction (`Store::replace_connection`). `NotFound` when the claim no longer holds.
+    pub async fn replace_claiming(
+        &self,
+        connection: &Connection,
+        claim: Option<&Claim>,
+    ) -> Result<Connection, StoreError> {
         for _ in 0..REPLACE_ATTEMPTS {
             let previous = match self
                 .store
@@ -125,7 +135,7 @@ impl Revoker {
                 .map(|p| PendingRevocation::for_connection(p, OffsetDateTime::now_utc()));
             match self
                 .store
-                .replace_connection(connection, previous.as_ref(), revocation.as_ref())
+                .replace_connection(connection, previous.as_ref(), revocation.as_ref(), claim)
                 .await
             {
                 Ok(stored) => {

@@ -5,19 +5,24 @@
 //! | pending authorization | `STATE#<sha256 state>`| `STATE`         |
 //! | connection            | `USER#<user id>`      | `CONN#<conn id>`|
 //! | pending revocation    | `REVOKE#<id>`         | `REVOKE`        |
+//! | parked connection     | `REVOKE#<sha256 handle>` | `REVOKE`     |
 //! | rate-limit counter    | `RATE#<user id>`      | `<scope>#<window start>` |
 //!
 //! Connections due for refresh and pending revocations also carry `due_bucket`/`due_at`,
 //! the keys of the sparse `due-index` GSI the refresh job queries (never a Scan). Items that expire carry
 //! `expires_at` (epoch seconds), the table's TTL attribute; TTL deletes only eventually, so
-//! every read checks expiry itself.
+//! every read checks expiry itself. A parked connection (an OAuth result waiting for its
+//! completion) is a pending revocation with the connection's details beside the tokens: due
+//! when its completion window has passed, so the refresh job revokes it unless a completion
+//! deletes it first.
 
 use crate::auth::UserId;
 use crate::crypto::SealedBlob;
 use crate::model::{
-    AuthType, Connection, ConnectionStatus, PendingAuthorization, PendingRevocation,
+    AuthType, Connection, ConnectionStatus, ParkedConnection, PendingAuthorization,
+    PendingRevocation,
 };
-use crate::rate_limit::{Admission, RateWindow};
+use crate::rate_limit::{Admission, RateWindow, Scope};
 use crate::secret::Secret;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
@@ -127,6 +132,14 @@ pub struct Upserted {
     pub previous: Option<Connection>,
 }
 
+/// A parked connection one completion request holds (`Store::claim_parked`): only that
+/// request's transaction may turn it into a connection.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub handle_hash: String,
+    pub owner: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     client: Client,
@@ -170,7 +183,7 @@ impl Store {
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(corrupt)?;
-        let count = self.rate_counter(&pending.user_id, CONNECT_SCOPE, window);
+        let count = self.rate_counter(&pending.user_id, Scope::Connect, window);
         let count = Update::builder()
             .table_name(&self.table)
             .set_key(Some(count.key))
@@ -200,13 +213,14 @@ impl Store {
         }
     }
 
-    /// Counts one connect attempt that writes nothing else (an API-key check).
-    pub async fn count_connect_attempt(
+    /// Counts one attempt that writes nothing else with it (an API-key check, a completion).
+    pub async fn count_attempt(
         &self,
         user_id: &UserId,
+        scope: Scope,
         window: &RateWindow,
     ) -> Result<Admission, StoreError> {
-        let count = self.rate_counter(user_id, CONNECT_SCOPE, window);
+        let count = self.rate_counter(user_id, scope, window);
         let result = self
             .client
             .update_item()
@@ -226,11 +240,11 @@ impl Store {
 
     /// `hits + 1` on the window's counter unless it already reached the limit; the counter
     /// expires (TTL) when its window ends.
-    fn rate_counter(&self, user_id: &UserId, scope: &str, window: &RateWindow) -> CounterUpdate {
+    fn rate_counter(&self, user_id: &UserId, scope: Scope, window: &RateWindow) -> CounterUpdate {
         CounterUpdate {
             key: key(
                 format!("RATE#{}", user_id.as_str()),
-                format!("{scope}#{}", window.starts_at),
+                format!("{}#{}", scope.key(), window.starts_at),
             ),
             expression: "ADD hits :one SET expires_at = :ends",
             condition: "attribute_not_exists(hits) OR hits < :limit",
@@ -379,11 +393,17 @@ impl Store {
     /// so no crash can leave a token that left its connection live and forgotten.
     /// `connected_at` is kept from `previous` and the version becomes `previous.version + 1`.
     /// `Conflict` when the stored connection is no longer `previous`.
+    ///
+    /// With a `claim`, the same transaction deletes the claimed parked connection, if the
+    /// claim is still held and its revocation not yet due: the parked result becomes the
+    /// connection exactly once, and never after the refresh job may have revoked it.
+    /// `NotFound` when the claim no longer holds.
     pub async fn replace_connection(
         &self,
         connection: &Connection,
         previous: Option<&Connection>,
         revocation: Option<&PendingRevocation>,
+        claim: Option<&Claim>,
     ) -> Result<Connection, StoreError> {
         let mut stored = connection.clone();
         stored.version = previous.map_or(1, |p| p.version + 1);
@@ -404,6 +424,24 @@ impl Store {
                 .put(put.build().map_err(corrupt)?)
                 .build(),
         );
+        if let Some(claim) = claim {
+            let delete = Delete::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(
+                    revocation_pk(&claim.handle_hash),
+                    REVOCATION_SK.to_owned(),
+                )))
+                .condition_expression("claimed_by = :owner AND due_at > :now")
+                .expression_attribute_values(":owner", AttributeValue::S(claim.owner.clone()))
+                .expression_attribute_values(
+                    ":now",
+                    number(OffsetDateTime::now_utc().unix_timestamp()),
+                )
+                .build()
+                .map_err(corrupt)?;
+            transaction =
+                transaction.transact_items(TransactWriteItem::builder().delete(delete).build());
+        }
         if let Some(revocation) = revocation {
             let queue = Put::builder()
                 .table_name(&self.table)
@@ -420,24 +458,31 @@ impl Store {
         let Err(error) = result else {
             return Ok(stored);
         };
-        match failed_conditions(&error) {
-            // The revocation id is random: only this request can have written it, so an
-            // attempt whose answer was lost landed and the SDK's retry met it.
-            Some(failed) if failed.get(1) == Some(&true) => Ok(stored),
+        let Some(failed) = failed_conditions(&error) else {
+            return Err(error.into());
+        };
+        let failed_at = |index: Option<usize>| index.is_some_and(|i| failed.get(i) == Some(&true));
+        let claim_index = claim.map(|_| 1);
+        let revocation_index = revocation.map(|_| 1 + usize::from(claim.is_some()));
+        // The revocation id is random: only this request can have written it, so an attempt
+        // whose answer was lost landed and the SDK's retry met it.
+        if failed_at(revocation_index) {
+            return Ok(stored);
+        }
+        if failed_at(Some(0)) || failed_at(claim_index) {
             // Ours too if the stored credentials are the ones just sealed. Unknown whether it
             // landed (the read failed) is not a conflict: a retry would re-read.
-            Some(failed) if failed.first() == Some(&true) => {
-                match self
-                    .stores_credentials(&stored.user_id, &stored.id, &stored.credentials)
-                    .await?
-                {
-                    true => Ok(stored),
-                    false => Err(StoreError::Conflict),
-                }
+            if self
+                .stores_credentials(&stored.user_id, &stored.id, &stored.credentials)
+                .await?
+            {
+                return Ok(stored);
             }
-            Some(_) => Err(StoreError::Conflict),
-            None => Err(error.into()),
+            if failed_at(claim_index) {
+                return Err(StoreError::NotFound);
+            }
         }
+        Err(StoreError::Conflict)
     }
 
     /// Writes `connection` only if the stored version is still `expected_version` (and the
@@ -725,6 +770,99 @@ impl Store {
         Ok(())
     }
 
+    // ---- parked connections ----------------------------------------------------------
+
+    /// Parks an OAuth result under its handle's hash (one write, which also queues its
+    /// revocation for when the completion window has passed).
+    pub async fn park_connection(&self, parked: &ParkedConnection) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(ParkedRecord::from(parked)).map_err(corrupt)?))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match result {
+            // The handle is 32 random bytes: only this request can have written it, so an
+            // attempt whose answer was lost landed and the SDK's retry met it.
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes the parked connection under `handle_hash` for one completion request (`owner`),
+    /// whatever its user or deadline (the caller decides), so that only that request can
+    /// complete or reject it. `NotFound` when there is none, or another request holds it.
+    pub async fn claim_parked(
+        &self,
+        handle_hash: &str,
+        owner: &str,
+    ) -> Result<ParkedConnection, StoreError> {
+        let item_key = key(revocation_pk(handle_hash), REVOCATION_SK.to_owned());
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(item_key.clone()))
+            .update_expression("SET claimed_by = :owner")
+            .condition_expression(
+                "attribute_exists(complete_by) AND attribute_not_exists(claimed_by)",
+            )
+            .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        let item = match result {
+            Ok(output) => output.attributes.unwrap_or_default(),
+            Err(e) if is_condition_failure(&e) => {
+                // Ours after all if an attempt whose answer was lost landed.
+                let output = self
+                    .client
+                    .get_item()
+                    .table_name(&self.table)
+                    .set_key(Some(item_key))
+                    .consistent_read(true)
+                    .send()
+                    .await?;
+                match output.item {
+                    Some(item)
+                        if item.get("claimed_by").and_then(|v| v.as_s().ok())
+                            == Some(&owner.to_owned()) =>
+                    {
+                        item
+                    }
+                    _ => return Err(StoreError::NotFound),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        from_item::<ParkedRecord>(item).map_err(corrupt)?.try_into()
+    }
+
+    /// Gives a claim back (a completion that could not write), so the user can try again.
+    pub async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                revocation_pk(&claim.handle_hash),
+                REVOCATION_SK.to_owned(),
+            )))
+            .update_expression("REMOVE claimed_by")
+            .condition_expression("claimed_by = :owner")
+            .expression_attribute_values(":owner", AttributeValue::S(claim.owner.clone()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Records another failed attempt and when to try next (if the item still exists).
     pub async fn reschedule_pending_revocation(
         &self,
@@ -804,9 +942,6 @@ const CONNECTION_SK_PREFIX: &str = "CONN#";
 const REVOCATION_SK: &str = "REVOKE";
 const REFRESH_BUCKET: &str = "refresh";
 const REVOCATION_BUCKET: &str = "revoke";
-
-/// The rate-limit scope both connect routes count against.
-const CONNECT_SCOPE: &str = "CONNECT";
 
 struct CounterUpdate {
     key: Item,
@@ -1030,6 +1165,99 @@ impl TryFrom<RevocationRecord> for PendingRevocation {
             attempts: r.attempts,
             due_at: OffsetDateTime::from_unix_timestamp(r.due_at).map_err(corrupt)?,
             expires_at: OffsetDateTime::from_unix_timestamp(r.expires_at).map_err(corrupt)?,
+        })
+    }
+}
+
+/// A pending revocation (the same attributes, so the refresh job's pass reads it as one) with
+/// what the connection needs besides its tokens.
+#[derive(Serialize, Deserialize)]
+struct ParkedRecord {
+    pk: String,
+    sk: String,
+    user_id: String,
+    connection_id: String,
+    #[serde(with = "serde_bytes")]
+    credentials: Vec<u8>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    attempts: u32,
+    due_bucket: String,
+    due_at: i64,
+    /// Epoch seconds; also the table's TTL attribute (the tokens' idle lifetime, not the
+    /// completion window: TTL must not delete tokens before they are revoked).
+    expires_at: i64,
+    /// Epoch seconds; the end of the completion window.
+    complete_by: i64,
+    account_name: String,
+    klaviyo_account_id: String,
+    klaviyo_account_name: String,
+    scopes: Vec<String>,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    access_token_expires_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    claimed_by: Option<String>,
+}
+
+impl From<&ParkedConnection> for ParkedRecord {
+    fn from(parked: &ParkedConnection) -> Self {
+        let revocation = RevocationRecord::from(&parked.revocation());
+        let c = &parked.connection;
+        Self {
+            pk: revocation.pk,
+            sk: revocation.sk,
+            user_id: revocation.user_id,
+            connection_id: revocation.connection_id,
+            credentials: revocation.credentials,
+            created_at: revocation.created_at,
+            attempts: revocation.attempts,
+            due_bucket: revocation.due_bucket,
+            due_at: revocation.due_at,
+            expires_at: revocation.expires_at,
+            complete_by: parked.complete_by.unix_timestamp(),
+            account_name: c.account_name.clone(),
+            klaviyo_account_id: c.klaviyo_account_id.clone(),
+            klaviyo_account_name: c.klaviyo_account_name.clone(),
+            scopes: c.scopes.clone(),
+            access_token_expires_at: c.access_token_expires_at,
+            claimed_by: None,
+        }
+    }
+}
+
+impl TryFrom<ParkedRecord> for ParkedConnection {
+    type Error = StoreError;
+
+    fn try_from(r: ParkedRecord) -> Result<Self, StoreError> {
+        let user_id = UserId::parse(&r.user_id).ok_or_else(|| corrupt("parked user_id"))?;
+        let connection = Connection {
+            id: r.connection_id,
+            user_id,
+            account_name: r.account_name,
+            klaviyo_account_id: r.klaviyo_account_id,
+            klaviyo_account_name: r.klaviyo_account_name,
+            auth_type: AuthType::OAuth,
+            status: ConnectionStatus::Active,
+            scopes: r.scopes,
+            connected_at: r.created_at,
+            updated_at: r.created_at,
+            last_refreshed_at: None,
+            access_token_expires_at: r.access_token_expires_at,
+            refresh_due_at: r
+                .access_token_expires_at
+                .map(|at| at - crate::model::REFRESH_LEAD),
+            refresh_failures: 0,
+            credentials: SealedBlob::from_bytes(r.credentials),
+            version: 0,
+        };
+        Ok(Self {
+            handle_hash: r.pk.strip_prefix("REVOKE#").unwrap_or(&r.pk).to_owned(),
+            connection,
+            complete_by: OffsetDateTime::from_unix_timestamp(r.complete_by).map_err(corrupt)?,
         })
     }
 }

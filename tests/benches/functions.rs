@@ -318,7 +318,7 @@ async fn main() {
             !a["headers"]["location"]
                 .as_str()
                 .unwrap_or_default()
-                .ends_with("connected=klaviyo")
+                .contains("connected=klaviyo")
         })
         .count();
     if failed > 0 {

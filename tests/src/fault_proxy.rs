@@ -345,16 +345,24 @@ impl Stage {
     }
 
     pub async fn function(&self, name: &str) -> LocalLambda {
+        self.function_with(name, &[]).await
+    }
+
+    /// The callback with `CONNECT_COMPLETION=off`: it connects at once (the one-step flow).
+    pub async fn one_step_callback(&self) -> LocalLambda {
+        self.function_with("callback", &[("CONNECT_COMPLETION", "off".to_owned())])
+            .await
+    }
+
+    pub async fn function_with(&self, name: &str, settings: &[(&str, String)]) -> LocalLambda {
         let klaviyo = self.klaviyo.url();
-        LocalLambda::start(
-            name,
-            &[
-                ("AWS_ENDPOINT_URL", self.aws.url()),
-                ("KLAVIYO_OAUTH_BASE", klaviyo.clone()),
-                ("KLAVIYO_API_BASE", format!("{klaviyo}/api")),
-            ],
-        )
-        .await
+        let mut overrides = vec![
+            ("AWS_ENDPOINT_URL", self.aws.url()),
+            ("KLAVIYO_OAUTH_BASE", klaviyo.clone()),
+            ("KLAVIYO_API_BASE", format!("{klaviyo}/api")),
+        ];
+        overrides.extend(settings.iter().cloned());
+        LocalLambda::start(name, &overrides).await
     }
 
     fn proxy(&self, matcher: Matcher) -> &FaultProxy {

@@ -101,13 +101,23 @@ pub async fn raw_item(
 
 /// Connect attempts counted against `user`'s rate limit, over every window still stored.
 pub async fn connect_attempts(user: &str) -> u64 {
+    attempts(user, "CONNECT#").await
+}
+
+/// Completions counted against `user`'s completion rate limit.
+pub async fn completion_attempts(user: &str) -> u64 {
+    attempts(user, "COMPLETE#").await
+}
+
+async fn attempts(user: &str, scope: &str) -> u64 {
     use aws_sdk_dynamodb::types::AttributeValue;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     aws_sdk_dynamodb::Client::new(&sdk)
         .query()
         .table_name(setting("TABLE_NAME"))
-        .key_condition_expression("pk = :pk")
+        .key_condition_expression("pk = :pk AND begins_with(sk, :scope)")
         .expression_attribute_values(":pk", AttributeValue::S(format!("RATE#{user}")))
+        .expression_attribute_values(":scope", AttributeValue::S(scope.to_owned()))
         .consistent_read(true)
         .send()
         .await
@@ -246,11 +256,42 @@ pub fn settings_page(outcome: &str) -> String {
     format!("{}/settings?{outcome}", setting("FRONTEND_URL"))
 }
 
-/// The whole flow for `user` and Klaviyo `account`; returns where the browser lands.
-pub async fn connect_klaviyo(token: &str, account: &str, account_name: Option<&str>) -> String {
+/// Where the browser lands after `user` started and approved a connect of Klaviyo `account`:
+/// the callback's redirect, with its completion handle.
+pub async fn land(token: &str, account: &str, account_name: Option<&str>) -> String {
     let auth = auth_url(token, account_name).await;
     let callback = authorize(&auth, account, true).await;
     location(&callback).await
+}
+
+/// The `completion` handle of a settings-page address, if it has one.
+pub fn completion_of(address: &str) -> Option<String> {
+    url::Url::parse(address)
+        .ok()?
+        .query_pairs()
+        .find(|(name, _)| name == "completion")
+        .map(|(_, value)| value.into_owned())
+}
+
+/// `POST /api/oauth/connect/klaviyo/complete` as `token` with `handle`.
+pub async fn complete(token: &str, handle: &str) -> (reqwest::StatusCode, Value) {
+    let request = http()
+        .post(format!("{}/api/oauth/connect/klaviyo/complete", api_url()))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "completion": handle }));
+    answer(request, "complete").await
+}
+
+/// The whole flow for `user` and Klaviyo `account`, completed from the same user's session
+/// as the settings page does; returns where the browser landed, without the handle.
+pub async fn connect_klaviyo(token: &str, account: &str, account_name: Option<&str>) -> String {
+    let landed = land(token, account, account_name).await;
+    let Some(handle) = completion_of(&landed) else {
+        return landed;
+    };
+    let (status, body) = complete(token, &handle).await;
+    assert_eq!(status, 200, "completion: {body}");
+    landed.replace(&format!("&completion={handle}"), "")
 }
 
 /// A Klaviyo account id no other test uses (alphanumeric, like Klaviyo's).

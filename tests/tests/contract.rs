@@ -5,7 +5,8 @@
 //! generated inputs.
 
 use e2e::{
-    api_url, authorize, connect_api_key, http, klaviyo_account, register_api_key, token_for, unique,
+    api_url, authorize, completion_of, connect_api_key, http, klaviyo_account, register_api_key,
+    token_for, unique,
 };
 use reqwest::{Method, Response};
 use serde_json::{Value, json};
@@ -121,6 +122,8 @@ fn documented_routes() -> BTreeSet<(String, String)> {
     routes
 }
 
+const COMPLETE_ROUTE: &str = "/api/oauth/connect/klaviyo/complete";
+
 #[test]
 fn every_served_route_is_in_the_contract_and_nothing_else() {
     let documented: BTreeSet<String> = documented_routes().into_iter().map(|(_, p)| p).collect();
@@ -155,6 +158,7 @@ fn every_served_route_is_in_the_contract_and_nothing_else() {
     let expected: BTreeSet<(String, String)> = [
         ("GET", "/api/oauth/connect/klaviyo"),
         ("POST", "/api/oauth/connect/klaviyo/api-key"),
+        ("POST", "/api/oauth/connect/klaviyo/complete"),
         ("GET", "/klaviyo/oauthcallback"),
         ("GET", "/api/oauth/accounts"),
         ("DELETE", "/api/oauth/accounts/{accountId}"),
@@ -184,7 +188,23 @@ async fn the_whole_journey_matches_the_contract() {
     let account = klaviyo_account();
     let callback = authorize(&auth_url, &account, true).await;
     let response = http().get(&callback).send().await.unwrap();
+    let landed = response.headers()["location"].to_str().unwrap().to_owned();
     conforms(Method::GET, "/klaviyo/oauthcallback", response).await;
+
+    // The page completes the connect from the user's session; a replay is the documented 404.
+    let complete_path = "/api/oauth/connect/klaviyo/complete";
+    let handle = completion_of(&landed).expect("the callback parks the result");
+    for expected in [200, 404] {
+        let response = http()
+            .post(format!("{base}{complete_path}"))
+            .bearer_auth(&token)
+            .json(&json!({"completion": handle}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected);
+        conforms(Method::POST, complete_path, response).await;
+    }
 
     // Denied and failed callbacks redirect the same documented way.
     let denied = authorize(&auth_url, &account, false).await;
@@ -299,6 +319,30 @@ async fn every_documented_error_matches_the_contract() {
                 .bearer_auth(&token)
                 .header("content-type", "text/plain")
                 .body("pk_sandbox_0123456789"),
+        ),
+        // The completion route: 400 for a body without a handle, 404 for an unknown one.
+        (
+            Method::POST,
+            COMPLETE_ROUTE,
+            http()
+                .post(format!("{base}{COMPLETE_ROUTE}"))
+                .bearer_auth(&token)
+                .json(&json!({"handle": "x"})),
+        ),
+        (
+            Method::POST,
+            COMPLETE_ROUTE,
+            http()
+                .post(format!("{base}{COMPLETE_ROUTE}"))
+                .bearer_auth(&token)
+                .json(&json!({"completion": "A".repeat(43)})),
+        ),
+        (
+            Method::POST,
+            COMPLETE_ROUTE,
+            http()
+                .post(format!("{base}{COMPLETE_ROUTE}"))
+                .json(&json!({"completion": "A".repeat(43)})),
         ),
     ];
     for (method, template, request) in cases {

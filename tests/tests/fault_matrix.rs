@@ -112,7 +112,7 @@ impl Connecting {
     async fn new() -> Self {
         let stage = Stage::new().await;
         let (connect, callback) =
-            tokio::join!(stage.function("connect"), stage.function("callback"));
+            tokio::join!(stage.function("connect"), stage.one_step_callback());
         let token = token_for(&unique("user")).await;
         let account = klaviyo_account();
         let returning = callback_request(&token, &account).await;
@@ -136,7 +136,7 @@ async fn dynamodb_failures_are_503s_and_failed_redirects_and_lose_nothing() {
         let stage = Stage::new().await;
         let (accounts, callback, disconnect) = tokio::join!(
             stage.function("accounts"),
-            stage.function("callback"),
+            stage.one_step_callback(),
             stage.function("disconnect"),
         );
         let token = token_for(&unique("user")).await;
@@ -217,7 +217,7 @@ async fn secrets_manager_failures_at_start_up_are_503s_until_it_recovers() {
         // Down before the functions start: their start-up fetch fails, and they start anyway.
         stage.inject(step, failure).await;
         let (accounts, callback) =
-            tokio::join!(stage.function("accounts"), stage.function("callback"));
+            tokio::join!(stage.function("accounts"), stage.one_step_callback());
         let token = token_for(&unique("user")).await;
         let account = klaviyo_account();
         let returning = callback_request(&token, &account).await;
@@ -245,7 +245,7 @@ async fn klaviyo_token_failures_fail_the_flow_and_store_nothing() {
     let step = Matcher::Path("/oauth/token");
     each_failure("Klaviyo token", move |failure| async move {
         let stage = Stage::new().await;
-        let callback = stage.function("callback").await;
+        let callback = stage.one_step_callback().await;
         let token = token_for(&unique("user")).await;
         let account = klaviyo_account();
         let returning = callback_request(&token, &account).await;
@@ -383,7 +383,8 @@ async fn transactions_whose_answer_was_lost_take_effect_once() {
     assert_eq!(stage.aws.hits(), 1, "the transaction's answer was lost");
     let auth = url::Url::parse(started.json()["authUrl"].as_str().expect("authUrl")).unwrap();
     let landed = location(&authorize(&auth, &account, true).await).await;
-    assert_eq!(landed, settings_page("connected=klaviyo"));
+    let handle = e2e::completion_of(&landed).expect("parked for completion");
+    assert_eq!(e2e::complete(&token, &handle).await.0, 200);
     assert_eq!(connect_attempts(&user).await, 1, "counted once");
 
     // Disconnect: removed, its refresh token revoked at Klaviyo, nothing left queued.
@@ -414,7 +415,7 @@ const TRANSACTION: Matcher = Matcher::AwsTarget("DynamoDB_20120810.TransactWrite
 #[tokio::test]
 async fn a_reconnect_whose_write_fails_keeps_the_old_tokens_and_revokes_the_new() {
     let stage = Stage::new().await;
-    let callback = stage.function("callback").await;
+    let callback = stage.one_step_callback().await;
     let token = token_for(&unique("user")).await;
     let account = klaviyo_account();
     let id = connected_id(&token, &account).await;

@@ -1,5 +1,5 @@
-//! Log hygiene: a full journey through every function (connect, callback, list, API key,
-//! refresh, disconnect, and the usual failures) while the functions' complete output is
+//! Log hygiene: a full journey through every function (connect, callback, completion, list,
+//! API key, refresh, disconnect, and the usual failures) while the functions' complete output is
 //! captured; no token, code, state, verifier, API key, client secret, JWT or Authorization
 //! header value may appear in it.
 
@@ -51,7 +51,15 @@ async fn no_secret_reaches_the_logs_of_a_full_journey() {
         .find(|(k, _)| k == "code")
         .map(|(_, v)| v.into_owned())
         .unwrap();
-    assert!(location(&callback).await.ends_with("connected=klaviyo"));
+    let landed = location(&callback).await;
+    let handle = e2e::completion_of(&landed).expect("parked for completion");
+    // A stranger's attempt with the handle is refused (a security event, the tokens revoked);
+    // the flow is then repeated and completed by its user.
+    let stranger = token_for(&unique("stranger")).await;
+    assert_eq!(e2e::complete(&stranger, &handle).await.0, 404);
+    let retried = e2e::land(&token, &account, Some("Journey")).await;
+    let completed = e2e::completion_of(&retried).expect("parked again");
+    assert_eq!(e2e::complete(&token, &completed).await.0, 200);
     assert!(
         location(&callback)
             .await
@@ -118,6 +126,8 @@ async fn no_secret_reaches_the_logs_of_a_full_journey() {
             token.rsplit('.').next().unwrap().to_owned(),
         ),
         ("state".into(), state),
+        ("completion handle".into(), handle),
+        ("completion handle".into(), completed),
         ("code".into(), code),
         ("PKCE verifier".into(), verifier),
         ("API key".into(), key),
@@ -139,6 +149,8 @@ async fn no_secret_reaches_the_logs_of_a_full_journey() {
         "oauth_started",
         "klaviyo_connected",
         "oauth_state_rejected",
+        "oauth_awaiting_completion",
+        "connect_completion_rejected",
         "refresh_summary",
         "auth_failure",
         "klaviyo_disconnected",

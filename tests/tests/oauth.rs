@@ -6,9 +6,9 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use e2e::{
-    api_url, auth_url, authorize, connect, connect_klaviyo, environment, http, inject_fault,
-    issued_tokens, klaviyo_account, location, raw_item, received, refresh_tokens, setting,
-    settings_page, token_for, unique,
+    api_url, auth_url, authorize, complete, completion_of, connect, connect_klaviyo, environment,
+    http, inject_fault, issued_tokens, klaviyo_account, location, raw_item, received,
+    refresh_tokens, setting, settings_page, token_for, unique,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -22,6 +22,18 @@ const DENIED: &str = "error=klaviyo_access_denied";
 
 fn query(url: &url::Url) -> HashMap<String, String> {
     url.query_pairs().into_owned().collect()
+}
+
+/// The completion handle of a successful callback's redirect, asserting its shape: the
+/// settings page, `connected=klaviyo`, and a 43-character handle.
+fn parked(landed: &str) -> String {
+    let handle = completion_of(landed).unwrap_or_else(|| panic!("no completion in {landed}"));
+    assert_eq!(
+        landed,
+        format!("{}&completion={handle}", settings_page(CONNECTED))
+    );
+    assert_eq!(handle.len(), 43, "32 random bytes, base64url");
+    handle
 }
 
 async fn connections(user: &str) -> Vec<Connection> {
@@ -141,7 +153,24 @@ async fn the_full_flow_connects_the_account_with_sealed_tokens() {
         "{callback}"
     );
     let before = OffsetDateTime::now_utc();
-    assert_eq!(location(&callback).await, settings_page(CONNECTED));
+    let handle = parked(&location(&callback).await);
+    assert!(
+        connections(&user).await.is_empty(),
+        "nothing is connected until the user's session completes it"
+    );
+    // Parked under the handle's hash, the tokens sealed: the table never holds the handle.
+    let parked_item = raw_item(
+        format!("REVOKE#{}", shared::ParkedConnection::hash_handle(&handle)),
+        "REVOKE",
+    )
+    .await
+    .expect("parked under the handle's hash");
+    let (status, body) = complete(&token, &handle).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true);
+    assert_eq!(body["account"]["klaviyoAccountId"], account.as_str());
+    assert_eq!(body["account"]["accountName"], "Main store");
+    assert_eq!(body["account"]["status"], "active");
 
     let listed = connections(&user).await;
     assert_eq!(listed.len(), 1);
@@ -180,11 +209,15 @@ async fn the_full_flow_connects_the_account_with_sealed_tokens() {
         .as_str()
         .unwrap()
         .to_owned();
-    let raw = format!("{:?}", raw_connection(connection).await);
-    assert!(
-        !raw.contains(&access) && !raw.contains(&refresh),
-        "tokens must be sealed"
-    );
+    for raw in [
+        format!("{:?}", raw_connection(connection).await),
+        format!("{parked_item:?}"),
+    ] {
+        assert!(
+            !raw.contains(&access) && !raw.contains(&refresh) && !raw.contains(&handle),
+            "tokens must be sealed, the handle kept only hashed"
+        );
+    }
     let opened = Credentials::open(&environment().await.sealer(), connection)
         .await
         .unwrap();
@@ -302,37 +335,39 @@ async fn deny_lands_on_the_access_denied_page_and_spends_the_state() {
 }
 
 #[tokio::test]
-async fn a_state_works_once_and_only_for_the_user_it_was_issued_to() {
+async fn a_state_works_once_and_the_callback_connects_nobody_by_itself() {
     let (alice, mallory) = (unique("alice"), unique("mallory"));
     let account = klaviyo_account();
-    let auth = auth_url(&token_for(&alice).await, None).await;
+    let alice_token = token_for(&alice).await;
+    let auth = auth_url(&alice_token, None).await;
     let callback = authorize(&auth, &account, true).await;
 
-    // Whoever's browser follows the callback (even one carrying another user's token),
-    // the connection goes to the user the state was issued to.
+    // Whoever's browser follows the callback (here one carrying another user's token), it
+    // connects no one: the result waits for the session of the user who started the flow.
     let response = http()
         .get(&callback)
         .bearer_auth(token_for(&mallory).await)
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        response.headers()["location"],
-        settings_page(CONNECTED).as_str()
-    );
-    assert_eq!(connections(&alice).await.len(), 1);
+    let handle = parked(response.headers()["location"].to_str().unwrap());
+    assert!(connections(&alice).await.is_empty());
     assert!(connections(&mallory).await.is_empty());
 
     // Replaying the same callback fails and changes nothing.
     assert_eq!(location(&callback).await, settings_page(FAILED));
-    let after = connections(&alice).await;
-    assert_eq!(after.len(), 1);
-    assert_eq!(after[0].version, 1);
     assert_eq!(
         received(&account, "token").await.len(),
         1,
         "the code was exchanged once"
     );
+
+    // Alice's own session completes it.
+    assert_eq!(complete(&alice_token, &handle).await.0, 200);
+    let after = connections(&alice).await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].version, 1);
+    assert!(connections(&mallory).await.is_empty());
 }
 
 #[tokio::test]
@@ -380,7 +415,7 @@ async fn nothing_in_the_request_chooses_where_the_browser_goes() {
     let tampered = format!(
         "{callback}&redirect_uri=https://evil.example.com&next=https://evil.example.com&return_to=//evil.example.com"
     );
-    assert_eq!(location(&tampered).await, settings_page(CONNECTED));
+    parked(&location(&tampered).await);
     let forged = format!(
         "{}/klaviyo/oauthcallback?next=https://evil.example.com&error=access_denied",
         api_url()
@@ -467,6 +502,7 @@ async fn klaviyo_latency_is_tolerated() {
         json!({"kind": "latency", "ms": 800, "times": 1}),
     )
     .await;
-    assert_eq!(landed, settings_page(CONNECTED));
+    let handle = parked(&landed);
+    assert_eq!(complete(&token_for(&user).await, &handle).await.0, 200);
     assert_eq!(connections(&user).await.len(), 1);
 }

@@ -121,7 +121,8 @@ async fn a_client_secret_put_after_start_up_is_used_without_a_restart() {
     // The template's placeholder: the functions start with it.
     let placeholder = "generated-placeholder-not-the-klaviyo-client-secret";
     put_client_secret(placeholder).await;
-    let callback = LocalLambda::start("callback", &[]).await;
+    let callback =
+        LocalLambda::start("callback", &[("CONNECT_COMPLETION", "off".to_owned())]).await;
     let refresh = LocalLambda::start("refresh", &[]).await;
     callback.init_duration().await;
     refresh.init_duration().await;

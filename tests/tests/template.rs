@@ -600,6 +600,10 @@ fn parameters_accept_only_what_the_functions_accept() {
         "client\u{a0}id",
         "client\u{1}id",
         "client\tid",
+        "required",
+        "off",
+        "Required",
+        "OFF",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -150,7 +150,7 @@ async fn the_job_does_not_revoke_a_queued_token_that_is_the_stored_one() {
 async fn a_reconnect_whose_every_answer_is_lost_keeps_what_it_stored() {
     let _serial = SERIAL.lock().await;
     let stage = Stage::new().await;
-    let callback = stage.function("callback").await;
+    let callback = stage.one_step_callback().await;
     let token = token_for(&unique("user")).await;
     let account = klaviyo_account();
     let id = e2e::connected_id(&token, &account).await;
