@@ -2,7 +2,8 @@
 # `make dev`: the whole system on this machine: local AWS (moto), the local Klaviyo sandbox
 # on http://127.0.0.1:${LOCAL_SANDBOX_PORT:-9100}, the five functions under `cargo lambda
 # watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit), the example
-# settings page on http://127.0.0.1:${LOCAL_FRONTEND_PORT:-9300}/settings, and a ready JWT.
+# settings page on http://127.0.0.1:${LOCAL_FRONTEND_PORT:-9300}/settings with a dev sign-in
+# link, and a ready JWT.
 # Ctrl-C stops everything it started.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,11 +37,11 @@ klaviyo-connect is running locally.
   Klaviyo sandbox            $KLAVIYO_SANDBOX_URL
   Local AWS (moto)           $AWS_ENDPOINT_URL   table $TABLE_NAME
 
-Open the settings page as user "local-user-1" (the JWT rides in the address's fragment,
-which the browser never sends to a server), click Connect Klaviyo, and choose Allow or Deny
-on the sandbox's consent screen:
+Sign in to the settings page as user "local-user-1" (a dev-only stand-in for your app's
+sign-in: any user id, no password; the page gets short-lived JWTs from the page server's
+/session), click Connect Klaviyo, and choose Allow or Deny on the sandbox's consent screen:
 
-  $FRONTEND_URL/settings#api=$LOCAL_API_URL&token=$token
+  $FRONTEND_URL/dev/sign-in?user=local-user-1
 
 A JWT for user "local-user-1", valid 24 h (another: scripts/dev-token.sh USER_ID):
 
@@ -49,7 +50,9 @@ A JWT for user "local-user-1", valid 24 h (another: scripts/dev-token.sh USER_ID
 Connect a Klaviyo account through the sandbox (README: "Connect flow walk-through"):
   AUTH_URL=\$(curl -s -H "Authorization: Bearer \$TOKEN" "$LOCAL_API_URL/api/oauth/connect/klaviyo?accountName=Main%20store" | python3 -c 'import json,sys; print(json.load(sys.stdin)["authUrl"])')
   CALLBACK=\$(curl -s -o /dev/null -w '%{redirect_url}' "\$AUTH_URL")   # the sandbox approves
-  curl -s -o /dev/null -w '%{redirect_url}\\n' "\$CALLBACK"            # -> $FRONTEND_URL/settings?connected=klaviyo
+  LANDING=\$(curl -s -o /dev/null -w '%{redirect_url}' "\$CALLBACK")   # $FRONTEND_URL/settings?connected=klaviyo&completion=…
+  COMPLETION=\$(python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlsplit(sys.argv[1]).query)["completion"][0])' "\$LANDING")
+  curl -s -X POST -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d "{\"completion\":\"\$COMPLETION\"}" "$LOCAL_API_URL/api/oauth/connect/klaviyo/complete"   # now connected: {"success":true,"account":{…}}
 
 The stack's settings, for other shells:  eval "\$(scripts/local-stack.sh env)"
 Ctrl-C stops everything.

@@ -87,12 +87,6 @@ up() {
     --api-url "$api_url" \
     --frontend-url "http://127.0.0.1:$frontend_port" > "$state/env.sh.tmp"
 
-  echo "Serving the settings page on http://127.0.0.1:$frontend_port (log: $state/page.log)" >&2
-  nohup "$python" "$root/scripts/serve_page.py" --port "$frontend_port" --api-url "$api_url" \
-    > "$state/page.log" 2>&1 &
-  echo $! > "$state/page.pid"
-  wait_for page serve_page "http://127.0.0.1:$frontend_port/settings"
-
   # The Klaviyo sandbox reads the client secret from the local Secrets Manager, like Klaviyo
   # knows it independently of the functions.
   echo "Building the Klaviyo sandbox..." >&2
@@ -110,6 +104,15 @@ export KLAVIYO_OAUTH_BASE=$sandbox
 export KLAVIYO_API_BASE=$sandbox/api
 export KLAVIYO_SANDBOX_URL=$sandbox
 EXPORTS
+
+  # The page's host app signs dev sessions with the stack's JWT key (from its Secrets Manager)
+  # and lets the page open only the sandbox's authorize URL, the one the functions use.
+  echo "Serving the settings page on http://127.0.0.1:$frontend_port (log: $state/page.log)" >&2
+  (set -a; source "$state/env.sh.tmp"; exec nohup "$python" "$root/scripts/serve_page.py" --port "$frontend_port" \
+    --api-url "$api_url" --klaviyo-authorize-url "$KLAVIYO_AUTHORIZE_URL") \
+    > "$state/page.log" 2>&1 &
+  echo $! > "$state/page.pid"
+  wait_for page serve_page "http://127.0.0.1:$frontend_port/settings"
   echo "$template_hash" > "$state/template.sha256"
   mv "$state/env.sh.tmp" "$state/env.sh"
   cat "$state/env.sh"

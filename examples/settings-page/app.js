@@ -1,22 +1,36 @@
 // The settings page of a host app, as a plain ES module: lists the user's Klaviyo
 // connections, connects new ones (OAuth through Klaviyo, or a private API key), reconnects
 // the ones Klaviyo stopped accepting, and disconnects them. It talks to klaviyo-connect's
-// HTTP API with the user's JWT; everything shown comes from that API.
+// HTTP API with the signed-in user's JWT, which it asks the host app for (a same-origin,
+// cookie-based session endpoint) and keeps in memory only; everything shown comes from that
+// API.
 
-const CONFIG_KEYS = { api: "klaviyo-connect.api", token: "klaviyo-connect.token" };
+// The host app serves the page's settings beside it: {"apiUrl", "klaviyoAuthorizeOrigin",
+// "sessionUrl", "signInUrl", "signOutUrl"?, "devSignIn"?}. Nothing is taken from the address.
+const CONFIG_URL = "/settings-config.json";
 
-// What the callback's redirect back to this page means (`/settings?…`).
-const OUTCOMES = {
-  "connected=klaviyo": ["success", "Klaviyo account connected."],
-  "error=klaviyo_connection_failed": [
-    "error",
-    "Klaviyo could not be connected. Nothing was changed; please try again.",
+const CONNECTED = "Klaviyo account connected.";
+const COMPLETION_REFUSED =
+  "This Klaviyo connection could not be finished: it was started by another user, has expired or was " +
+  "already used. Nothing was connected, and the access Klaviyo granted has been withdrawn. If you meant " +
+  "to connect, click Connect Klaviyo again.";
+
+const NOT_FINISHED_SIGNED_OUT =
+  "You are not signed in, so the Klaviyo connection was not finished and nothing was connected. " +
+  "Sign in, then click Connect Klaviyo again.";
+
+// What the callback's `?error=…` on the way back to this page means.
+const FAILURES = new Map([
+  ["klaviyo_connection_failed", ["error", "Klaviyo could not be connected. Nothing was changed; please try again."]],
+  [
+    "klaviyo_access_denied",
+    ["warning", "Connection cancelled: access was not granted in Klaviyo. Nothing was connected."],
   ],
-  "error=klaviyo_access_denied": [
-    "warning",
-    "Connection cancelled: access was not granted in Klaviyo. Nothing was connected.",
-  ],
-};
+]);
+
+// Renewing the JWT this long before it expires keeps clock skew and slow requests from
+// sending an expired one.
+const RENEW_EARLY_MS = 60_000;
 
 const STATUS = {
   active: ["Active", "badge-active"],
@@ -37,46 +51,109 @@ class ApiError extends Error {
   }
 }
 
-// ---- configuration: the API's URL and the user's JWT ------------------------------------
+// ---- configuration and session ------------------------------------------------------------
 
-// Taken from the address's fragment (never sent to a server) on first load, then kept for
-// this tab only. A real host app passes its own API URL and session token instead.
-function loadConfig() {
-  const fragment = new URLSearchParams(location.hash.slice(1));
-  if (fragment.get("api") && fragment.get("token")) {
-    saveConfig(fragment.get("api"), fragment.get("token"));
-    history.replaceState(null, "", location.pathname + location.search);
-  }
+let config;
+// { token, sub, renewAt }. Only in this variable: no storage a script could read later, and
+// the JWT is gone with the tab.
+let session;
+// Whom the page says is signed in; every request must be made as them.
+let user;
+
+async function loadConfig() {
+  const response = await fetch(CONFIG_URL, { headers: { Accept: "application/json" } });
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  const settings = await response.json();
   return {
-    api: sessionStorage.getItem(CONFIG_KEYS.api),
-    token: sessionStorage.getItem(CONFIG_KEYS.token),
+    ...settings,
+    apiUrl: settings.apiUrl.replace(/\/+$/, ""),
+    klaviyoAuthorizeOrigin: new URL(settings.klaviyoAuthorizeOrigin).origin,
   };
 }
 
-function saveConfig(api, token) {
-  sessionStorage.setItem(CONFIG_KEYS.api, api.trim().replace(/\/+$/, ""));
-  sessionStorage.setItem(CONFIG_KEYS.token, token.trim());
+// A fresh short-lived JWT for whoever the host app's cookie says is signed in, or null. The
+// cookie stays with the host app; the API sees only the JWT.
+async function fetchSession() {
+  const unavailable = (detail) =>
+    new ApiError(0, "session", `Your sign-in could not be checked (${detail}). Please reload the page.`);
+  let response;
+  try {
+    response = await fetch(config.sessionUrl, { headers: { Accept: "application/json" }, cache: "no-store" });
+  } catch {
+    throw unavailable("no answer");
+  }
+  if (response.status === 401) return null;
+  if (!response.ok) throw unavailable(`HTTP ${response.status}`);
+  const { token, sub, expiresIn } = await response.json().catch(() => ({}));
+  if (typeof token !== "string" || typeof sub !== "string") throw unavailable("unreadable answer");
+  return { token, sub, renewAt: Date.now() + (Number(expiresIn) || 0) * 1000 - RENEW_EARLY_MS };
 }
 
-let config = loadConfig();
+async function startSession() {
+  session = await fetchSession();
+  if (!session) {
+    showSignedOut();
+    return false;
+  }
+  user = session.sub;
+  $("session-user").textContent = user;
+  $("session").hidden = false;
+  $("klaviyo").hidden = false;
+  if (config.signOutUrl) {
+    $("sign-out-form").action = config.signOutUrl;
+    $("sign-out-form").hidden = false;
+  }
+  return true;
+}
+
+function showSignedOut() {
+  $("klaviyo").hidden = true;
+  $("session").hidden = true;
+  $("signed-out").hidden = false;
+  if (config.devSignIn) {
+    $("dev-sign-in").action = config.signInUrl;
+    $("dev-sign-in").hidden = false;
+  } else {
+    $("sign-in-link").querySelector("a").href = config.signInUrl;
+    $("sign-in-link").hidden = false;
+  }
+}
+
+async function bearer() {
+  if (!session || Date.now() >= session.renewAt) {
+    session = await fetchSession();
+    if (!session) {
+      showSignedOut();
+      throw new ApiError(401, "signed_out", "You have been signed out. Sign in again to continue.");
+    }
+    if (session.sub !== user) {
+      // Signed in as someone else in another tab: acting for them under this name would mislead.
+      session = null;
+      throw new ApiError(401, "user_changed", "You are now signed in as another user. Reload this page to continue.");
+    }
+  }
+  return session.token;
+}
 
 // ---- the API -------------------------------------------------------------------------------
 
-async function api(method, path, body) {
-  if (!config.api || !config.token) {
-    throw new ApiError(0, "not_configured", "Set the API URL and a JWT under “Connection to the service”.");
-  }
-  const headers = { Authorization: `Bearer ${config.token}` };
+async function api(method, path, body, retry = true) {
+  const headers = { Authorization: `Bearer ${await bearer()}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
-    response = await fetch(config.api + path, {
+    response = await fetch(config.apiUrl + path, {
       method,
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {
     throw new ApiError(0, "network", "The service could not be reached or is busy. Please try again in a moment.");
+  }
+  if (response.status === 401 && retry) {
+    // Refused for its age or a rotated key, perhaps: one fresh JWT from the host app decides.
+    session = null;
+    return api(method, path, body, false);
   }
   let data = null;
   try {
@@ -96,7 +173,7 @@ async function api(method, path, body) {
 function describe(response, error) {
   switch (response.status) {
     case 401:
-      return "Your session is no longer valid. Sign in again (here: set a fresh JWT below).";
+      return "Your session is no longer valid. Sign in again.";
     case 429: {
       const seconds = Number(response.headers.get("retry-after"));
       const wait = seconds > 0 ? ` Try again in ${seconds} second${seconds === 1 ? "" : "s"}.` : " Try again shortly.";
@@ -130,17 +207,44 @@ function showFieldError(id, text, input) {
   }
 }
 
-// The redirect back from a connect attempt: say what happened once, then tidy the address so
-// a reload does not say it again.
-function showOutcome() {
-  const query = location.search.slice(1);
-  const outcome = OUTCOMES[query];
-  if (outcome) {
-    notify(outcome[0], outcome[1], { focus: true });
-  }
-  if (query) {
+// ---- coming back from Klaviyo ----------------------------------------------------------------
+
+// `?connected=klaviyo&completion=<handle>`: Klaviyo granted access, and the connection waits
+// for this user's session to claim it. `?connected=klaviyo` alone: already connected (a
+// service run with completion off). `?error=…`: nothing was connected. The address is tidied
+// before any request, so the one-time handle neither stays in the history nor travels in a
+// copied link, and a reload does not repeat the outcome.
+function takeOutcome() {
+  const query = new URLSearchParams(location.search);
+  if (location.search || location.hash) {
     history.replaceState(null, "", location.pathname);
   }
+  if (query.get("connected") === "klaviyo") {
+    return query.has("completion") ? { completion: query.get("completion") } : { notice: ["success", CONNECTED] };
+  }
+  return { notice: FAILURES.get(query.get("error")) };
+}
+
+// Only the user who started a connect can claim it: when someone else's link brought this
+// browser to Klaviyo, the API refuses the claim (404) and withdraws what Klaviyo granted.
+async function finishConnecting(handle) {
+  const retry = $("completion-retry");
+  retry.hidden = true;
+  notify("info", "Finishing the connection…");
+  let outcome;
+  try {
+    await api("POST", "/api/oauth/connect/klaviyo/complete", { completion: handle });
+    outcome = ["success", CONNECTED];
+  } catch (error) {
+    outcome = ["error", error.status === 404 ? COMPLETION_REFUSED : error.message];
+    // After trouble (busy, unreachable) the service keeps the handle valid for a few minutes.
+    if (error.status !== 404 && error.status !== 401) {
+      retry.onclick = () => finishConnecting(handle);
+      retry.hidden = false;
+    }
+  }
+  await loadAccounts();
+  notify(...outcome, { focus: true });
 }
 
 // ---- accounts ----------------------------------------------------------------------------------
@@ -247,6 +351,17 @@ async function busy(button, text, work) {
   }
 }
 
+// The API builds the authorize URL, but the page follows it only to the Klaviyo it was
+// configured with: a compromised or misconfigured API cannot send people to a lookalike
+// sign-in page.
+function isKlaviyoAuthorizeUrl(url) {
+  try {
+    return new URL(url).origin === config.klaviyoAuthorizeOrigin;
+  } catch {
+    return false;
+  }
+}
+
 // Asks the service for Klaviyo's authorize URL and goes there; Klaviyo sends the browser back
 // to this page with the outcome.
 async function startConnect(accountName, button, errorId) {
@@ -261,6 +376,13 @@ async function startConnect(accountName, button, errorId) {
     const { authUrl } = await busy(button, "Opening Klaviyo…", () =>
       api("GET", `/api/oauth/connect/klaviyo${query}`),
     );
+    if (!isKlaviyoAuthorizeUrl(authUrl)) {
+      fail(
+        `Klaviyo was not opened: the service sent an address outside ${config.klaviyoAuthorizeOrigin}, ` +
+          "which this page does not follow. Nothing was connected.",
+      );
+      return;
+    }
     button.disabled = true;
     location.assign(authUrl);
   } catch (error) {
@@ -341,8 +463,24 @@ function confirmDisconnect(account, trigger) {
 
 // ---- wiring --------------------------------------------------------------------------------------
 
-function start() {
-  showOutcome();
+async function start() {
+  const outcome = takeOutcome();
+  try {
+    config = await loadConfig();
+  } catch {
+    notify("error", "This page is not set up: its settings could not be loaded.");
+    return;
+  }
+  try {
+    if (!(await startSession())) {
+      const notice = outcome.completion == null ? outcome.notice : ["warning", NOT_FINISHED_SIGNED_OUT];
+      if (notice) notify(...notice, { focus: true });
+      return;
+    }
+  } catch (error) {
+    notify("error", error.message);
+    return;
+  }
 
   $("connect-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -355,20 +493,12 @@ function start() {
     connectWithApiKey(event.currentTarget);
   });
 
-  const setup = $("setup-form");
-  $("setup-api").value = config.api || "";
-  $("setup-token").value = config.token || "";
-  if (!config.api || !config.token) $("setup").open = true;
-  setup.addEventListener("submit", (event) => {
-    event.preventDefault();
-    saveConfig($("setup-api").value, $("setup-token").value);
-    config = loadConfig();
-    $("setup").open = false;
-    notify("success", "Saved.");
-    loadAccounts();
-  });
-
-  loadAccounts();
+  if (outcome.completion != null) {
+    await finishConnecting(outcome.completion);
+    return;
+  }
+  if (outcome.notice) notify(...outcome.notice, { focus: true });
+  await loadAccounts();
 }
 
 start();

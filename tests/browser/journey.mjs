@@ -1,12 +1,16 @@
 // The settings page as a person uses it, in Debian's Chromium driven by playwright-core,
-// against the running local stack: the page (FRONTEND_URL), the functions under
-// `cargo lambda watch` (LOCAL_API_URL) and the Klaviyo sandbox (KLAVIYO_SANDBOX_URL).
-// Run by scripts/browser-test.sh (part of `make test`), which sets all of that up.
+// against the running local stack: the page and its dev host app (FRONTEND_URL, served by
+// scripts/serve_page.py), the functions under `cargo lambda watch` (LOCAL_API_URL) and the
+// Klaviyo sandbox (KLAVIYO_SANDBOX_URL). Run by scripts/browser-test.sh (part of `make test`),
+// which sets all of that up.
 //
-// The journey: an empty list; Connect Klaviyo and Deny at the consent screen; connect and
-// Allow; Klaviyo stops accepting the connection and the page offers Reconnect; reconnect;
-// a refused and then an accepted private API key; Disconnect, cancelled and then confirmed.
-// Screenshots of each step go to SCREENSHOT_DIR (default target/browser-e2e).
+// The journey: signed out, then signed in through the dev sign-in; an empty list; Connect
+// Klaviyo and Deny at the consent screen; connect and Allow, which the page completes with
+// the user's own session; Klaviyo stops accepting the connection and the page offers
+// Reconnect; reconnect; an authorize URL outside Klaviyo is refused; a refused and then an
+// accepted private API key; Disconnect, cancelled and then confirmed; an attacker's authorize
+// link followed by a victim (nothing connected for anyone, the grant revoked at Klaviyo);
+// sign out. Screenshots of each step go to SCREENSHOT_DIR (default target/browser-e2e).
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -31,6 +35,9 @@ const SANDBOX = setting("KLAVIYO_SANDBOX_URL");
 const SHOTS = path.resolve(root, process.env.SCREENSHOT_DIR || "target/browser-e2e");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 
+const COMPLETE = `${API}/api/oauth/connect/klaviyo/complete`;
+const HANDLE = /^[A-Za-z0-9_-]{43}$/;
+
 const unique = (prefix) => `${prefix}${randomUUID().replaceAll("-", "").slice(0, 12)}`;
 const user = unique("browser-user-");
 const oauthAccount = unique("K");
@@ -42,16 +49,24 @@ const problems = [];
 
 // ---- helpers ----------------------------------------------------------------------------------
 
-async function call(method, url, body) {
+async function call(method, url, body, token) {
+  const headers = {};
+  if (body !== undefined) headers["content-type"] = "application/json";
+  if (token) headers.authorization = `Bearer ${token}`;
   const response = await fetch(url, {
     method,
-    headers: body === undefined ? {} : { "content-type": "application/json" },
+    headers,
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   assert.ok(response.ok, `${method} ${url}: ${response.status} ${await response.clone().text()}`);
   const text = await response.text();
   return text ? JSON.parse(text) : null;
 }
+
+// A JWT the functions accept, signed with the local stack's key (what a host app's backend
+// would hold); for callers outside the browser.
+const jwtFor = (userId) =>
+  execFileSync(path.join(root, "scripts/dev-token.sh"), [userId, "600"], { encoding: "utf8" }).trim();
 
 const sandbox = {
   account: (id, ttl) =>
@@ -64,6 +79,7 @@ const sandbox = {
     call("POST", `${SANDBOX}/sandbox/api-keys`, { key, account: id, organization_name: `Org of ${id}` }),
   refreshTokens: async (id) =>
     (await call("GET", `${SANDBOX}/sandbox/tokens?account=${id}`)).refresh_tokens,
+  revokeRequests: (id) => call("GET", `${SANDBOX}/sandbox/requests?account=${id}&endpoint=revoke`),
 };
 
 // The scheduled refresh, as EventBridge would start it.
@@ -72,30 +88,78 @@ function runRefresh() {
   return call("POST", `${API}/2015-03-31/functions/refresh/invocations`, event);
 }
 
-async function shot(name) {
-  await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
+async function shot(name, on = page) {
+  await on.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
 }
 
-const notice = () => page.locator("#notice");
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 900 }, locale: "en-GB" });
+  const p = await context.newPage();
+  p.setDefaultTimeout(30_000);
+  return p;
+}
+
+// Page errors and console errors count as problems, except the failed loads the journey
+// provokes on purpose: Chromium reports every 4xx answer as a console error.
+const EXPECTED_FAILURES = [
+  [401, `${FRONTEND}/session`], // signed out
+  [400, `${API}/api/oauth/connect/klaviyo/api-key`], // the refused API key
+  [404, COMPLETE], // the victim's refused completion
+];
+
+function watchForProblems(p) {
+  p.on("pageerror", (error) => problems.push(`page error: ${error.message}`));
+  p.on("console", (message) => {
+    if (message.type() !== "error") return;
+    const failed = /Failed to load resource: the server responded with a status of (\d+)/.exec(message.text());
+    const where = message.location().url;
+    const expected =
+      failed && EXPECTED_FAILURES.some(([status, url]) => Number(failed[1]) === status && where.startsWith(url));
+    if (!expected) problems.push(`console error on ${p.url()}: ${message.text()} (${where})`);
+  });
+}
+
+const notice = (p = page) => p.locator("#notice");
 const accountItems = () => page.locator("#accounts li.account");
 const item = (name) => accountItems().filter({ has: page.locator(".account-name", { hasText: name }) });
 
-async function listed() {
-  await page.locator('#accounts[aria-busy="false"]').waitFor();
-  return accountItems().locator(".account-name").allTextContents();
+async function listed(p = page) {
+  await p.locator('#accounts[aria-busy="false"]').waitFor();
+  return p.locator("#accounts li.account .account-name").allTextContents();
+}
+
+// The dev host app's sign-in (scripts/serve_page.py), as the link `make dev` prints.
+async function signIn(p, userId) {
+  await p.goto(`${FRONTEND}/dev/sign-in?user=${encodeURIComponent(userId)}`);
+  await p.locator("#session-user").filter({ hasText: userId }).waitFor();
 }
 
 // On the sandbox's consent screen: pick the account, then Allow or Deny (by keyboard).
-async function consent(account, decision) {
-  await page.waitForURL((url) => url.href.startsWith(`${SANDBOX}/oauth/authorize`));
-  await page.getByLabel("Klaviyo account").fill(account);
-  await page.getByLabel("Organization name").fill(`Org of ${account}`);
-  const button = page.getByRole("button", { name: decision });
+// Answers the address the callback sent the browser back to, before the page tidies it.
+async function consent(account, decision, p = page) {
+  await p.waitForURL((url) => url.href.startsWith(`${SANDBOX}/oauth/authorize`));
+  await p.getByLabel("Klaviyo account").fill(account);
+  await p.getByLabel("Organization name").fill(`Org of ${account}`);
+  const button = p.getByRole("button", { name: decision });
   await button.focus();
-  await Promise.all([
-    page.waitForURL((url) => url.href.startsWith(`${FRONTEND}/settings`)),
-    page.keyboard.press("Enter"),
+  const [landing] = await Promise.all([
+    p.waitForRequest((request) => request.isNavigationRequest() && request.url().startsWith(`${FRONTEND}/settings`)),
+    p.keyboard.press("Enter"),
   ]);
+  return new URL(landing.url());
+}
+
+// Holds the page's completion request until the page's state at that moment is recorded.
+async function watchCompletion() {
+  const seen = {};
+  await page.route(COMPLETE, async (route) => {
+    seen.address = page.url();
+    seen.notice = await notice().textContent();
+    seen.body = route.request().postDataJSON();
+    seen.authorization = await route.request().headerValue("authorization");
+    await route.continue();
+  });
+  return seen;
 }
 
 // ---- set-up ----------------------------------------------------------------------------------
@@ -114,18 +178,8 @@ before(async () => {
       "--disable-sync",
     ],
   });
-  const context = await browser.newContext({ viewport: { width: 1000, height: 900 }, locale: "en-GB" });
-  page = await context.newPage();
-  page.setDefaultTimeout(30_000);
-  page.on("pageerror", (error) => problems.push(`page error: ${error.message}`));
-  page.on("console", (message) => {
-    // Chromium reports every 4xx answer as a console error; the refused API key is one the
-    // journey provokes on purpose. Anything else (a CSP violation, a script error) counts.
-    const expected = /Failed to load resource: the server responded with a status of 400/;
-    if (message.type() === "error" && !expected.test(message.text())) {
-      problems.push(`console error on ${page.url()}: ${message.text()}`);
-    }
-  });
+  page = await newPage();
+  watchForProblems(page);
   // Tokens for the OAuth account live a minute, so its connection is due for refresh at once.
   await sandbox.account(oauthAccount, 60);
 });
@@ -136,12 +190,40 @@ after(async () => {
 
 // ---- the journey -----------------------------------------------------------------------------
 
-test("a new user sees an empty list and a labelled, keyboard-usable page", async () => {
-  const token = execFileSync(path.join(root, "scripts/dev-token.sh"), [user, "3600"], { encoding: "utf8" }).trim();
-  await page.goto(`${FRONTEND}/settings#api=${encodeURIComponent(API)}&token=${token}`);
+test("signed out, the page says so and offers the dev sign-in; nothing is taken from the address", async () => {
+  await page.goto(`${FRONTEND}/settings#api=${encodeURIComponent(API)}&token=not-a-session`);
+  await page.getByRole("heading", { name: "You are not signed in" }).waitFor();
+  assert.equal(new URL(page.url()).hash, "", "the fragment is taken out of the address");
+  assert.equal(await page.locator("#klaviyo").isHidden(), true, "no accounts without a session");
+  await page.getByText("Local development only").waitFor();
+  await shot("00-signed-out");
+
+  // Another site cannot sign this browser in as someone else (login CSRF).
+  const forged = await page.request.get(`${FRONTEND}/dev/sign-in?user=mallory`, {
+    headers: { "sec-fetch-site": "cross-site" },
+    maxRedirects: 0,
+  });
+  assert.equal(forged.status(), 403);
+  assert.deepEqual(await page.context().cookies(FRONTEND), []);
+});
+
+test("a new user signs in and sees an empty list and a labelled, keyboard-usable page", async () => {
+  await page.getByLabel("User id").fill(user);
+  await page.getByRole("button", { name: "Sign in (dev only)" }).click();
+  await page.locator("#session-user").filter({ hasText: user }).waitFor();
+  assert.equal(page.url(), `${FRONTEND}/settings`);
   assert.deepEqual(await listed(), []);
   await page.getByText("No Klaviyo account is connected yet.").waitFor();
-  assert.equal(new URL(page.url()).hash, "", "the token is taken out of the address");
+
+  // The session is an HttpOnly cookie of the host app; the JWT lives only in the page's memory.
+  const cookies = await page.context().cookies(FRONTEND);
+  assert.equal(cookies.length, 1);
+  assert.equal(cookies[0].httpOnly, true);
+  assert.equal(cookies[0].sameSite, "Lax");
+  assert.deepEqual(
+    await page.evaluate(() => [document.cookie, sessionStorage.length, localStorage.length]),
+    ["", 0, 0],
+  );
 
   // Every control has an accessible name, and the first Tab reaches the skip link.
   const unnamed = await page.$$eval("input:not([type=hidden]), button, summary", (elements) =>
@@ -161,7 +243,8 @@ test("Connect Klaviyo, then Deny at Klaviyo: nothing is connected and the page s
   await page.waitForURL((url) => url.href.startsWith(`${SANDBOX}/oauth/authorize`));
   await page.getByText("Allow access to your Klaviyo account?").waitFor();
   await shot("02-consent");
-  await consent(oauthAccount, "Deny");
+  const landing = await consent(oauthAccount, "Deny");
+  assert.equal(landing.search, "?error=klaviyo_access_denied");
 
   await notice().filter({ hasText: "Connection cancelled" }).waitFor();
   assert.equal(await notice().evaluate((e) => e === document.activeElement), true, "the message has focus");
@@ -170,12 +253,24 @@ test("Connect Klaviyo, then Deny at Klaviyo: nothing is connected and the page s
   await shot("03-denied");
 });
 
-test("Connect Klaviyo by keyboard and Allow: the account is listed as active", async () => {
+test("Connect by keyboard and Allow: the page completes with the user's session, then lists the account", async () => {
+  const seen = await watchCompletion();
   await page.locator("#connect-name").fill("Main store");
   await page.locator("#connect-name").press("Enter");
-  await consent(oauthAccount, "Allow");
+  const landing = await consent(oauthAccount, "Allow");
+  const handle = landing.searchParams.get("completion");
+  assert.match(handle ?? "", HANDLE, `the callback hands back a completion handle: ${landing.search}`);
+  assert.equal(landing.searchParams.get("connected"), "klaviyo");
 
   await notice().filter({ hasText: "Klaviyo account connected." }).waitFor();
+  await page.unroute(COMPLETE);
+  assert.deepEqual(seen.body, { completion: handle });
+  assert.match(seen.authorization ?? "", /^Bearer [\w-]+\.[\w-]+\.[\w-]+$/);
+  assert.equal(new URL(seen.address).search, "", "the handle left the address before the page called the API");
+  assert.equal(seen.notice, "Finishing the connection…", "not 'connected' before the completion answered");
+  assert.ok(!page.url().includes("completion="), page.url());
+  assert.equal(await notice().evaluate((e) => e === document.activeElement), true, "the message has focus");
+
   assert.deepEqual(await listed(), ["Main store"]);
   const main = item("Main store");
   assert.equal(await main.locator(".badge").textContent(), "Active");
@@ -200,11 +295,43 @@ test("when Klaviyo stops accepting the connection, Reconnect brings it back", as
   await shot("05-needs-reauth");
 
   await reconnect.click();
-  await consent(oauthAccount, "Allow");
+  const landing = await consent(oauthAccount, "Allow");
+  assert.match(landing.searchParams.get("completion") ?? "", HANDLE);
   await notice().filter({ hasText: "Klaviyo account connected." }).waitFor();
+  assert.ok(!page.url().includes("completion="), page.url());
   assert.deepEqual(await listed(), ["Main store"], "the same connection, not a second one");
   assert.equal(await item("Main store").locator(".badge").textContent(), "Active");
   assert.equal(await page.getByRole("button", { name: "Reconnect Main store" }).count(), 0);
+});
+
+test("an authorize URL outside the configured Klaviyo is refused, never opened", async () => {
+  // As if the API (compromised, misconfigured) answered with a lookalike sign-in page.
+  const lookalike = "https://www.klaviyo.com.sign-in.example";
+  const foreign = `${lookalike}/oauth/authorize?client_id=x`;
+  const connectRoute = (url) => url.href.startsWith(`${API}/api/oauth/connect/klaviyo?`);
+  await page.route(connectRoute, (route) => route.fulfill({ json: { authUrl: foreign } }));
+  const navigations = [];
+  const onNavigation = (frame) => frame === page.mainFrame() && navigations.push(frame.url());
+  const outside = [];
+  const onRequest = (request) => request.url().startsWith(lookalike) && outside.push(request.url());
+  page.on("framenavigated", onNavigation);
+  page.on("request", onRequest);
+  try {
+    await page.locator("#connect-name").fill("Lookalike");
+    await page.getByRole("button", { name: "Connect Klaviyo" }).click();
+    await page.locator("#connect-error").filter({ hasText: "Klaviyo was not opened" }).waitFor();
+  } finally {
+    page.off("framenavigated", onNavigation);
+    page.off("request", onRequest);
+    await page.unroute(connectRoute);
+  }
+  assert.deepEqual(navigations, [], "the page stayed where it was");
+  assert.deepEqual(outside, [], "nothing was requested from the foreign origin");
+  assert.equal(page.url(), `${FRONTEND}/settings`);
+  assert.equal(await page.getByRole("button", { name: "Connect Klaviyo" }).isEnabled(), true);
+  assert.deepEqual(await listed(), ["Main store"]);
+  await shot("06-foreign-authorize-url");
+  await page.locator("#connect-name").fill("");
 });
 
 test("a private API key: a refused key is explained, an accepted one is listed", async () => {
@@ -229,7 +356,7 @@ test("a private API key: a refused key is explained, an accepted one is listed",
   assert.deepEqual(await listed(), ["EU store", "Main store"], "newest first");
   assert.equal(await item("EU store").locator(".account-method").textContent(), "Private API key");
   assert.equal(await page.getByLabel("Private API key").inputValue(), "", "the key is not kept in the page");
-  await shot("06-api-key");
+  await shot("07-api-key");
 });
 
 test("Disconnect asks first; cancelling keeps the account, confirming removes and revokes it", async () => {
@@ -237,7 +364,7 @@ test("Disconnect asks first; cancelling keeps the account, confirming removes an
   await disconnectEu.click();
   const dialog = page.getByRole("dialog");
   await dialog.getByText("Disconnect EU store?").waitFor();
-  await shot("07-confirm-disconnect");
+  await shot("08-confirm-disconnect");
   await page.keyboard.press("Escape");
   await dialog.waitFor({ state: "hidden" });
   assert.equal(await disconnectEu.evaluate((e) => e === document.activeElement), true, "focus returns");
@@ -255,7 +382,60 @@ test("Disconnect asks first; cancelling keeps the account, confirming removes an
   await page.getByText("No Klaviyo account is connected yet.").waitFor();
   const active = (await sandbox.refreshTokens(oauthAccount)).filter((t) => t.status === "active");
   assert.deepEqual(active, [], "the OAuth connection's refresh token was revoked at Klaviyo");
-  await shot("08-disconnected");
+  await shot("09-disconnected");
+});
+
+test("an attacker's authorize link: the victim's Allow connects nothing, and the grant is revoked", async () => {
+  const attacker = unique("attacker-");
+  const victim = unique("victim-");
+  const victimAccount = unique("K");
+  await sandbox.account(victimAccount, 3600);
+
+  // The attacker starts a connect with their own session and sends the victim the link.
+  const attackerJwt = jwtFor(attacker);
+  const { authUrl } = await call("GET", `${API}/api/oauth/connect/klaviyo?accountName=Shared`, undefined, attackerJwt);
+
+  // The victim, signed in to the app in their own browser, follows it and clicks Allow.
+  const victimPage = await newPage();
+  watchForProblems(victimPage);
+  try {
+    await signIn(victimPage, victim);
+    assert.deepEqual(await listed(victimPage), []);
+    await victimPage.goto(authUrl);
+    const landing = await consent(victimAccount, "Allow", victimPage);
+    assert.match(landing.searchParams.get("completion") ?? "", HANDLE);
+
+    await notice(victimPage).filter({ hasText: "This Klaviyo connection could not be finished" }).waitFor();
+    assert.match(await notice(victimPage).textContent(), /Nothing was connected/);
+    assert.equal(await notice(victimPage).evaluate((e) => e === document.activeElement), true);
+    assert.ok(!victimPage.url().includes("completion="), victimPage.url());
+    assert.deepEqual(await listed(victimPage), [], "nothing connected for the victim");
+    await shot("10-attack-refused", victimPage);
+  } finally {
+    await victimPage.context().close();
+  }
+
+  const { accounts } = await call("GET", `${API}/api/oauth/accounts`, undefined, attackerJwt);
+  assert.deepEqual(accounts, [], "nothing connected for the attacker");
+
+  // The API revoked the grant inline, before answering the page's completion with 404.
+  const refresh = await sandbox.refreshTokens(victimAccount);
+  assert.equal(refresh.length, 1, JSON.stringify(refresh));
+  assert.equal(refresh[0].status, "revoked");
+  const revokes = await sandbox.revokeRequests(victimAccount);
+  assert.ok(
+    revokes.some((r) => r.form.token === refresh[0].token),
+    `a revoke request for the issued refresh token: ${JSON.stringify(revokes.map((r) => r.form.token_type_hint))}`,
+  );
+});
+
+test("Sign out ends the session; the page says so", async () => {
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.getByRole("heading", { name: "You are not signed in" }).waitFor();
+  assert.equal(await page.locator("#session").isHidden(), true);
+  assert.deepEqual(await page.context().cookies(FRONTEND), []);
+  assert.equal((await page.request.get(`${FRONTEND}/session`)).status(), 401);
+  await shot("11-signed-out-again");
 });
 
 test("nothing went wrong in the page along the way", () => {
