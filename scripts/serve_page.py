@@ -88,12 +88,13 @@ def local_signer(ttl: int) -> Signer:
     return Signer(key, ttl, os.environ.get("JWT_ISSUER"), os.environ.get("JWT_AUDIENCE"))
 
 
-def handler(config: dict, api_origin: str, signer: Signer):
+def handler(config: dict, api_origin: str, signer: Signer, port: int):
     policy = (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         f"connect-src 'self' {api_origin}; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )
     config_body = json.dumps(config).encode()
+    hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
     sessions: dict[str, tuple[str, float]] = {}  # session id -> (user id, valid until)
     lock = threading.Lock()
 
@@ -109,7 +110,9 @@ def handler(config: dict, api_origin: str, signer: Signer):
 
         def do_POST(self):
             url = urlsplit(self.path)
-            if url.path != "/dev/sign-out":
+            if not self.host_allowed():
+                self.send(421, b"unknown host\n", "text/plain; charset=utf-8")
+            elif url.path != "/dev/sign-out":
                 self.send(405, b"method not allowed\n", "text/plain; charset=utf-8", allow="GET, HEAD")
             elif not self.from_this_site():
                 self.send(403, b"sign-out must come from this site\n", "text/plain; charset=utf-8")
@@ -120,7 +123,11 @@ def handler(config: dict, api_origin: str, signer: Signer):
 
         def route(self, with_body: bool):
             url = urlsplit(self.path)
-            if url.path in FILES:
+            if not self.host_allowed():
+                # A DNS-rebinding page (evil.example resolving to 127.0.0.1) would otherwise
+                # be same-origin with this server and could read /session's JWTs.
+                self.send(421, b"unknown host\n", "text/plain; charset=utf-8", with_body)
+            elif url.path in FILES:
                 name, content_type = FILES[url.path]
                 self.send(200, (ROOT / name).read_bytes(), content_type, with_body, cache="no-cache")
             elif url.path == "/settings-config.json":
@@ -165,8 +172,12 @@ def handler(config: dict, api_origin: str, signer: Signer):
             )
 
         def from_this_site(self) -> bool:
-            # Browsers send Sec-Fetch-Site on every request; tools (curl) do not.
-            return self.headers.get("sec-fetch-site", "none") in ("none", "same-origin")
+            # Browsers send Sec-Fetch-Site on every request to a trustworthy origin (loopback
+            # is one); without it (an old browser, a tool) nobody can tell, so it is refused.
+            return self.headers.get("sec-fetch-site") in ("none", "same-origin")
+
+        def host_allowed(self) -> bool:
+            return self.headers.get("host", "") in hosts
 
         def session_id(self) -> str | None:
             try:
@@ -237,7 +248,7 @@ def main() -> int:
         "devSignIn": True,
     }
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", args.port), handler(config, api_origin, local_signer(args.jwt_ttl))
+        ("127.0.0.1", args.port), handler(config, api_origin, local_signer(args.jwt_ttl), args.port)
     )
     print(f"settings page on http://127.0.0.1:{args.port}/settings "
           f"(dev sign-in: /dev/sign-in?user=ID)", file=sys.stderr, flush=True)

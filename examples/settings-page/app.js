@@ -16,8 +16,8 @@ const COMPLETION_REFUSED =
   "to connect, click Connect Klaviyo again.";
 
 const NOT_FINISHED_SIGNED_OUT =
-  "You are not signed in, so the Klaviyo connection was not finished and nothing was connected. " +
-  "Sign in, then click Connect Klaviyo again.";
+  "You are not signed in, so the Klaviyo connection was not finished: nothing was connected, and the " +
+  "access Klaviyo granted has been withdrawn. Sign in, then click Connect Klaviyo again.";
 
 // What the callback's `?error=…` on the way back to this page means.
 const FAILURES = new Map([
@@ -233,18 +233,37 @@ async function finishConnecting(handle) {
   notify("info", "Finishing the connection…");
   let outcome;
   try {
-    await api("POST", "/api/oauth/connect/klaviyo/complete", { completion: handle });
-    outcome = ["success", CONNECTED];
+    const { account } = await api("POST", "/api/oauth/connect/klaviyo/complete", { completion: handle });
+    outcome = ["success", `${CONNECTED} ${account.klaviyoAccountName} is connected for ${user}.`];
   } catch (error) {
     outcome = ["error", error.status === 404 ? COMPLETION_REFUSED : error.message];
-    // After trouble (busy, unreachable) the service keeps the handle valid for a few minutes.
-    if (error.status !== 404 && error.status !== 401) {
+    if (error.status === 401) {
+      // No session to finish it with any more: withdraw it rather than leave it claimable.
+      await declineConnecting(handle);
+    } else if (error.status !== 404) {
+      // After trouble (busy, unreachable) the service keeps the handle valid for a few minutes.
       retry.onclick = () => finishConnecting(handle);
       retry.hidden = false;
     }
   }
   await loadAccounts();
   notify(...outcome, { focus: true });
+}
+
+// A page that holds a handle it cannot complete (nobody is signed in) withdraws it, so the
+// access Klaviyo granted does not stay claimable for the rest of its ten minutes: the person
+// who clicked Allow may be an attack's victim with no account here at all. Best effort; what
+// it does not reach, the service revokes when the handle expires.
+async function declineConnecting(handle) {
+  try {
+    await fetch(`${config.apiUrl}/api/oauth/connect/klaviyo/decline`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ completion: handle }),
+    });
+  } catch {
+    // Unreachable: the handle expires unused.
+  }
 }
 
 // ---- accounts ----------------------------------------------------------------------------------
@@ -352,11 +371,14 @@ async function busy(button, text, work) {
 }
 
 // The API builds the authorize URL, but the page follows it only to the Klaviyo it was
-// configured with: a compromised or misconfigured API cannot send people to a lookalike
-// sign-in page.
+// configured with, over https (plain http only on this machine, for the local sandbox): a
+// compromised or misconfigured API cannot send people to a lookalike sign-in page.
 function isKlaviyoAuthorizeUrl(url) {
   try {
-    return new URL(url).origin === config.klaviyoAuthorizeOrigin;
+    const target = new URL(url);
+    const local = ["127.0.0.1", "localhost", "[::1]"].includes(target.hostname);
+    const secure = target.protocol === "https:" || (target.protocol === "http:" && local);
+    return secure && target.origin === config.klaviyoAuthorizeOrigin;
   } catch {
     return false;
   }
@@ -473,11 +495,13 @@ async function start() {
   }
   try {
     if (!(await startSession())) {
+      if (outcome.completion != null) await declineConnecting(outcome.completion);
       const notice = outcome.completion == null ? outcome.notice : ["warning", NOT_FINISHED_SIGNED_OUT];
       if (notice) notify(...notice, { focus: true });
       return;
     }
   } catch (error) {
+    if (outcome.completion != null) await declineConnecting(outcome.completion);
     notify("error", error.message);
     return;
   }

@@ -107,15 +107,7 @@ impl Endpoint for Callback {
                     .settings_with(&[("connected", "klaviyo"), ("completion", handle.expose())])
             }
             Ok(Outcome::Connected(connection)) => {
-                tracing::info!(
-                    event = "klaviyo_connected",
-                    auth_type = "oauth",
-                    user_id = %connection.user_id,
-                    connection_id = %connection.id,
-                    klaviyo_account_id = %connection.klaviyo_account_id,
-                    version = connection.version,
-                    "Klaviyo account connected"
-                );
+                crate::connect::log_connected(&connection);
                 self.frontend.settings("connected", "klaviyo")
             }
             Err(Failure::Denied) => {

@@ -9,6 +9,13 @@
 //! connection; anyone else, and an unknown, used or expired handle, gets one 404, and the
 //! parked tokens are revoked.
 //!
+//! `POST /api/oauth/connect/klaviyo/decline` (no JWT) is for a page that holds a handle but
+//! cannot complete it (nobody is signed in, or the session cannot be read): it revokes the
+//! parked result at once, so a handle left in a signed-out browser (an attack's victim who
+//! has no account with the host app) is not live for the rest of its window. Holding the
+//! handle is the only capability it needs, and any holder could already burn it through the
+//! completion route; it answers the same 200 whatever the handle was.
+//!
 //! Steps: count the attempt; claim the parked result for this request (one conditional
 //! write, so two requests never both act on it); then either store the connection and delete
 //! the parked result in one transaction, or revoke the parked tokens and delete it. A request
@@ -17,9 +24,10 @@
 
 use crate::accounts::AccountView;
 use crate::auth::UserId;
+use crate::connect::{count_attempt, log_connected};
 use crate::http::{ApiError, json, json_body, unavailable};
 use crate::model::{Connection, ParkedConnection};
-use crate::rate_limit::{Admission, RateLimit, Scope};
+use crate::rate_limit::{RateLimit, Scope};
 use crate::revocation::{Revocation, Revoker};
 use crate::secret::Secret;
 use crate::store::{Claim, Store, StoreError};
@@ -46,6 +54,12 @@ struct CompleteRequest {
 struct Completed {
     success: bool,
     account: AccountView,
+}
+
+#[derive(Serialize)]
+struct Declined {
+    success: bool,
+    message: &'static str,
 }
 
 /// Why a completion was refused, for the security event.
@@ -86,17 +100,7 @@ impl Completer {
 
     pub async fn complete(&self, user: UserId, req: &Request) -> Result<Response<Body>, ApiError> {
         let body: CompleteRequest = json_body(req, MAX_COMPLETE_BODY)?;
-        let window = self.rate.window_at(OffsetDateTime::now_utc());
-        let admission = self
-            .store
-            .count_attempt(&user, Scope::Complete, &window)
-            .await
-            .map_err(|e| unavailable("dynamodb", &e))?;
-        if admission == Admission::Limited {
-            let retry_after_secs = window.retry_after_secs(OffsetDateTime::now_utc());
-            tracing::warn!(event = "complete_rate_limited", user_id = %user, retry_after_secs, "completion rate limit reached");
-            return Err(ApiError::RateLimited { retry_after_secs });
-        }
+        count_attempt(&self.store, self.rate, &user, Scope::Complete).await?;
         let handle = body.completion.expose();
         if !ParkedConnection::is_well_formed(handle) {
             return Err(self.reject(&user, Rejection::Unknown, None).await);
@@ -136,15 +140,7 @@ impl Completer {
             .await
         {
             Ok(stored) => {
-                tracing::info!(
-                    event = "klaviyo_connected",
-                    auth_type = "oauth",
-                    user_id = %stored.user_id,
-                    connection_id = %stored.id,
-                    klaviyo_account_id = %stored.klaviyo_account_id,
-                    version = stored.version,
-                    "Klaviyo account connected"
-                );
+                log_connected(&stored);
                 Ok(json(
                     StatusCode::OK,
                     &Completed {
@@ -158,6 +154,25 @@ impl Completer {
                 Err(self.reject(&user, Rejection::Expired, Some(&parked)).await)
             }
             Err(e) => {
+                // The write may have landed with its answer lost: then it is this connection,
+                // and a retry would find the handle used.
+                if let Ok(true) = self
+                    .store
+                    .stores_credentials(&user, &connection.id, &connection.credentials)
+                    .await
+                {
+                    let stored = self.store.get_connection(&user, &connection.id).await;
+                    if let Ok(stored) = stored {
+                        log_connected(&stored);
+                        return Ok(json(
+                            StatusCode::OK,
+                            &Completed {
+                                success: true,
+                                account: AccountView::from(&stored),
+                            },
+                        ));
+                    }
+                }
                 // Given back so the page can try again; if this fails too, the parked result
                 // is revoked once its window has passed.
                 if let Err(release) = self.store.release_claim(&claim).await {
@@ -168,18 +183,60 @@ impl Completer {
         }
     }
 
-    /// The 404 every refused completion gets. A parked result this request claimed is revoked
-    /// now (within the inline budget); if that does not finish, it stays queued and the
-    /// refresh job revokes it once its window has passed.
+    /// Revokes the parked result under the request's handle, if there is one nobody holds.
+    pub async fn decline(&self, req: &Request) -> Result<Response<Body>, ApiError> {
+        let body: CompleteRequest = json_body(req, MAX_COMPLETE_BODY)?;
+        let handle = body.completion.expose();
+        if ParkedConnection::is_well_formed(handle) {
+            let owner = uuid::Uuid::new_v4().to_string();
+            match self
+                .store
+                .claim_parked(&ParkedConnection::hash_handle(handle), &owner)
+                .await
+            {
+                Ok(parked) => {
+                    let tokens = self.revoke(&parked).await;
+                    tracing::warn!(
+                        event = "connect_completion_declined",
+                        started_by = %parked.connection.user_id,
+                        klaviyo_account_id = %parked.connection.klaviyo_account_id,
+                        tokens,
+                        "a page that could not complete a connect withdrew it"
+                    );
+                }
+                Err(StoreError::NotFound) => {}
+                Err(e) => return Err(unavailable("dynamodb", &e)),
+            }
+        }
+        Ok(json(
+            StatusCode::OK,
+            &Declined {
+                success: true,
+                message: "Nothing was connected.",
+            },
+        ))
+    }
+
+    /// Revokes a claimed parked result now (within the inline budget); what does not finish
+    /// stays queued and the refresh job revokes it once its window has passed.
+    async fn revoke(&self, parked: &ParkedConnection) -> &'static str {
+        match self.revoker.finish_replaced(&parked.revocation()).await {
+            Revocation::Revoked => "revoked",
+            Revocation::Deferred => "queued",
+            Revocation::Nothing => "none",
+        }
+    }
+
+    /// The 404 every refused completion gets. A parked result this request claimed is revoked.
     async fn reject(
         &self,
         user: &UserId,
         reason: Rejection,
         parked: Option<&ParkedConnection>,
     ) -> ApiError {
-        let revocation = match parked {
-            Some(parked) => self.revoker.finish_replaced(&parked.revocation()).await,
-            None => Revocation::Nothing,
+        let tokens = match parked {
+            Some(parked) => self.revoke(parked).await,
+            None => "none",
         };
         tracing::warn!(
             event = "connect_completion_rejected",
@@ -187,11 +244,7 @@ impl Completer {
             user_id = %user,
             started_by = parked.map(|p| p.connection.user_id.as_str()),
             klaviyo_account_id = parked.map(|p| p.connection.klaviyo_account_id.as_str()),
-            tokens = match revocation {
-                Revocation::Revoked => "revoked",
-                Revocation::Deferred => "queued",
-                Revocation::Nothing => "none",
-            },
+            tokens,
             "an OAuth completion was refused"
         );
         NOT_FOUND

@@ -1,6 +1,7 @@
 //! `GET /api/oauth/connect/klaviyo` (start OAuth),
 //! `POST /api/oauth/connect/klaviyo/complete` (finish it from the user's session,
-//! `crate::complete`) and `POST /api/oauth/connect/klaviyo/api-key` (connect with a private
+//! `crate::complete`), `POST /api/oauth/connect/klaviyo/decline` (withdraw it when the page
+//! cannot) and `POST /api/oauth/connect/klaviyo/api-key` (connect with a private
 //! API key).
 
 use crate::accounts::AccountView;
@@ -78,6 +79,10 @@ impl Endpoint for Connect {
             let user = self.auth.authenticate(req)?;
             return self.connect_api_key(user, req).await;
         }
+        if path.ends_with("/decline") {
+            require_method(req, Method::POST, "POST, OPTIONS")?;
+            return self.completer.decline(req).await;
+        }
         if path.ends_with("/complete") {
             require_method(req, Method::POST, "POST, OPTIONS")?;
             let user = self.auth.authenticate(req)?;
@@ -140,13 +145,7 @@ impl Connect {
         }
         // Counted before Klaviyo is asked, so guessing keys costs the caller, not Klaviyo's
         // per-account limit.
-        let window = self.rate.window_at(OffsetDateTime::now_utc());
-        let admission = self
-            .store
-            .count_attempt(&user, Scope::Connect, &window)
-            .await
-            .map_err(|e| unavailable("dynamodb", &e))?;
-        admit(admission, &user, &window)?;
+        count_attempt(&self.store, self.rate, &user, Scope::Connect).await?;
         // The data key (bound to user and purpose) is fetched while Klaviyo checks the key.
         let (account, key) = tokio::join!(
             self.klaviyo.account(ApiCredential::ApiKey(&body.api_key)),
@@ -184,14 +183,7 @@ impl Connect {
             Ok(stored) => stored,
             Err(e) => return Err(unavailable("dynamodb", &e)),
         };
-        tracing::info!(
-            event = "klaviyo_connected",
-            auth_type = "api_key",
-            user_id = %stored.user_id,
-            connection_id = %stored.id,
-            klaviyo_account_id = %stored.klaviyo_account_id,
-            "Klaviyo account connected with an API key"
-        );
+        log_connected(&stored);
         Ok(json(
             StatusCode::CREATED,
             &CreatedBody {
@@ -200,6 +192,21 @@ impl Connect {
             },
         ))
     }
+}
+
+/// Counts one attempt of `user` in `scope` that writes nothing else with it.
+pub(crate) async fn count_attempt(
+    store: &Store,
+    rate: RateLimit,
+    user: &UserId,
+    scope: Scope,
+) -> Result<(), ApiError> {
+    let window = rate.window_at(OffsetDateTime::now_utc());
+    let admission = store
+        .count_attempt(user, scope, &window)
+        .await
+        .map_err(|e| unavailable("dynamodb", &e))?;
+    admit(admission, user, &window)
 }
 
 /// A limited request is a 429 telling the caller when its window resets.
@@ -217,6 +224,22 @@ fn admit(admission: Admission, user: &UserId, window: &RateWindow) -> Result<(),
             Err(ApiError::RateLimited { retry_after_secs })
         }
     }
+}
+
+/// The log line of every connection made (OAuth completed or at the callback, API key).
+pub(crate) fn log_connected(connection: &Connection) {
+    tracing::info!(
+        event = "klaviyo_connected",
+        auth_type = match connection.auth_type {
+            AuthType::OAuth => "oauth",
+            AuthType::ApiKey => "api_key",
+        },
+        user_id = %connection.user_id,
+        connection_id = %connection.id,
+        klaviyo_account_id = %connection.klaviyo_account_id,
+        version = connection.version,
+        "Klaviyo account connected"
+    );
 }
 
 /// `pk_` and 10–128 letters, digits or underscores: the shape of Klaviyo private keys.

@@ -395,8 +395,9 @@ impl Store {
     /// `Conflict` when the stored connection is no longer `previous`.
     ///
     /// With a `claim`, the same transaction deletes the claimed parked connection, if the
-    /// claim is still held and its revocation not yet due: the parked result becomes the
-    /// connection exactly once, and never after the refresh job may have revoked it.
+    /// claim is still held and its completion window open: the parked result becomes the
+    /// connection exactly once, and never once the refresh job may revoke it (its revocation
+    /// is due a minute after the window closes).
     /// `NotFound` when the claim no longer holds.
     pub async fn replace_connection(
         &self,
@@ -431,7 +432,7 @@ impl Store {
                     revocation_pk(&claim.handle_hash),
                     REVOCATION_SK.to_owned(),
                 )))
-                .condition_expression("claimed_by = :owner AND due_at > :now")
+                .condition_expression("claimed_by = :owner AND complete_by > :now")
                 .expression_attribute_values(":owner", AttributeValue::S(claim.owner.clone()))
                 .expression_attribute_values(
                     ":now",

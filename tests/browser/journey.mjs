@@ -429,13 +429,44 @@ test("an attacker's authorize link: the victim's Allow connects nothing, and the
   );
 });
 
+test("the same link followed by someone with no session here: the page withdraws the grant at once", async () => {
+  const attacker = unique("attacker-");
+  const victimAccount = unique("K");
+  await sandbox.account(victimAccount, 3600);
+  const { authUrl } = await call("GET", `${API}/api/oauth/connect/klaviyo`, undefined, jwtFor(attacker));
+
+  const victimPage = await newPage();
+  watchForProblems(victimPage);
+  try {
+    await victimPage.goto(authUrl);
+    const landing = await consent(victimAccount, "Allow", victimPage);
+    assert.match(landing.searchParams.get("completion") ?? "", HANDLE);
+    await victimPage.getByRole("heading", { name: "You are not signed in" }).waitFor();
+    await notice(victimPage).filter({ hasText: "the access Klaviyo granted has been withdrawn" }).waitFor();
+    assert.ok(!victimPage.url().includes("completion="), victimPage.url());
+    await shot("11-signed-out-declined", victimPage);
+  } finally {
+    await victimPage.context().close();
+  }
+
+  // Withdrawn before the page said so, not ten minutes later.
+  const refresh = await sandbox.refreshTokens(victimAccount);
+  assert.equal(refresh.length, 1, JSON.stringify(refresh));
+  assert.equal(refresh[0].status, "revoked");
+  const { accounts } = await call("GET", `${API}/api/oauth/accounts`, undefined, jwtFor(attacker));
+  assert.deepEqual(accounts, [], "nothing connected for the attacker");
+});
+
 test("Sign out ends the session; the page says so", async () => {
   await page.getByRole("button", { name: "Sign out" }).click();
   await page.getByRole("heading", { name: "You are not signed in" }).waitFor();
   assert.equal(await page.locator("#session").isHidden(), true);
   assert.deepEqual(await page.context().cookies(FRONTEND), []);
-  assert.equal((await page.request.get(`${FRONTEND}/session`)).status(), 401);
-  await shot("11-signed-out-again");
+  const asked = await page.request.get(`${FRONTEND}/session`, { headers: { "sec-fetch-site": "same-origin" } });
+  assert.equal(asked.status(), 401);
+  const unmarked = await page.request.get(`${FRONTEND}/session`);
+  assert.equal(unmarked.status(), 403, "a request no browser marked as this site's is refused");
+  await shot("12-signed-out-again");
 });
 
 test("nothing went wrong in the page along the way", () => {

@@ -5,7 +5,8 @@
 //! Klaviyo, and the victim's own page completes with the victim's session. Nothing is
 //! connected to either, and the tokens Klaviyo issued are revoked. Also: replays, expiry,
 //! concurrent completions, a request that dies between its two writes, DynamoDB failing
-//! under the completion, the rate limit, and the one-step flow with completion off.
+//! under the completion, a signed-out page declining, the rate limit, and the one-step flow
+//! with completion off.
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use e2e::fault_proxy::{Failure, Matcher, Stage};
@@ -19,6 +20,23 @@ use futures::future::join_all;
 use serde_json::json;
 use shared::ParkedConnection;
 use std::collections::HashMap;
+
+/// `POST /api/oauth/connect/klaviyo/decline` without a JWT, as a signed-out page sends it.
+async fn decline(handle: &str) -> serde_json::Value {
+    let (status, body) = e2e::answer(
+        http()
+            .post(format!("{}/api/oauth/connect/klaviyo/decline", api_url()))
+            .json(&json!({ "completion": handle })),
+        "decline",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"success": true, "message": "Nothing was connected."})
+    );
+    body
+}
 
 /// The one body every refused completion gets.
 fn assert_refused(status: reqwest::StatusCode, body: &serde_json::Value, what: &str) {
@@ -113,6 +131,32 @@ async fn the_attack_connects_nobody_and_revokes_the_victims_tokens() {
     let (status, body) = complete(&attacker, &handle).await;
     assert_refused(status, &body, "the attacker afterwards");
     assert!(accounts_of(&attacker).await.is_empty());
+}
+
+/// The attack's victim may have no session with the host app at all (no account, another
+/// browser): their page cannot complete, so it declines, and the grant is revoked at once
+/// instead of staying live for the rest of its window.
+#[tokio::test]
+async fn a_page_without_a_session_declines_and_the_grant_is_revoked_at_once() {
+    let attacker = token_for(&unique("attacker")).await;
+    let victims_klaviyo = klaviyo_account();
+    let auth = auth_url(&attacker, None).await;
+    let landed = location(&authorize(&auth, &victims_klaviyo, true).await).await;
+    let handle = completion_of(&landed).expect("parked");
+
+    decline(&handle).await;
+    assert!(refresh_tokens(&victims_klaviyo, "active").await.is_empty());
+    assert_eq!(received(&victims_klaviyo, "revoke").await.len(), 1);
+    assert!(parked_item(&handle).await.is_none());
+    // The attacker, had the handle leaked, finds nothing to complete.
+    let (status, body) = complete(&attacker, &handle).await;
+    assert_refused(status, &body, "after the decline");
+    assert!(accounts_of(&attacker).await.is_empty());
+
+    // The same answer for handles that are unknown, malformed or already spent.
+    for other in [handle.as_str(), &"A".repeat(43), "x"] {
+        decline(other).await;
+    }
 }
 
 #[tokio::test]
@@ -302,6 +346,22 @@ async fn a_completion_whose_write_fails_can_be_retried() {
         1,
         "the new tokens are live, the replaced ones revoked"
     );
+
+    // A transaction that lands while every answer to it is lost: the completion reads what
+    // is stored, finds its own tokens and answers 200 rather than a 503 whose retry would
+    // find the handle used.
+    let landed = land(&token, &account, None).await;
+    let third = completion_of(&landed).unwrap();
+    stage.inject(TRANSACTION, Failure::LostAnswers).await;
+    let answered = connect.http(complete_request(&token, &third)).await;
+    stage.clear(TRANSACTION).await;
+    assert_eq!(answered.status, 200, "{}", answered.body);
+    assert_eq!(
+        answered.json()["account"]["id"],
+        listed[0]["id"],
+        "the same connection, updated"
+    );
+    assert!(parked_item(&third).await.is_none());
 }
 
 #[tokio::test]

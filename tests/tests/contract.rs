@@ -159,6 +159,7 @@ fn every_served_route_is_in_the_contract_and_nothing_else() {
         ("GET", "/api/oauth/connect/klaviyo"),
         ("POST", "/api/oauth/connect/klaviyo/api-key"),
         ("POST", "/api/oauth/connect/klaviyo/complete"),
+        ("POST", "/api/oauth/connect/klaviyo/decline"),
         ("GET", "/klaviyo/oauthcallback"),
         ("GET", "/api/oauth/accounts"),
         ("DELETE", "/api/oauth/accounts/{accountId}"),
@@ -205,6 +206,15 @@ async fn the_whole_journey_matches_the_contract() {
         assert_eq!(response.status(), expected);
         conforms(Method::POST, complete_path, response).await;
     }
+    let decline_path = "/api/oauth/connect/klaviyo/decline";
+    let response = http()
+        .post(format!("{base}{decline_path}"))
+        .json(&json!({"completion": handle}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    conforms(Method::POST, decline_path, response).await;
 
     // Denied and failed callbacks redirect the same documented way.
     let denied = authorize(&auth_url, &account, false).await;
