@@ -12,8 +12,13 @@ const CONFIG_URL = "/settings-config.json";
 const CONNECTED = "Klaviyo account connected.";
 const COMPLETION_REFUSED =
   "This Klaviyo connection could not be finished: it was started by another user, has expired or was " +
-  "already used. Nothing was connected, and the access Klaviyo granted has been withdrawn. If you meant " +
-  "to connect, click Connect Klaviyo again.";
+  "already used. Nothing was connected by it, and any access Klaviyo granted for it has been withdrawn. " +
+  "If you meant to connect, click Connect Klaviyo again.";
+// A retry refused after a first attempt that failed without an answer: that attempt may have
+// connected the account (the handle is one-time), so the list is the truth.
+const COMPLETION_MAYBE_DONE =
+  "The connection may have been finished by your earlier attempt: check the list below. If the " +
+  "Klaviyo account is not there, click Connect Klaviyo again.";
 
 const NOT_FINISHED_SIGNED_OUT =
   "You are not signed in, so the Klaviyo connection was not finished: nothing was connected, and the " +
@@ -227,7 +232,7 @@ function takeOutcome() {
 
 // Only the user who started a connect can claim it: when someone else's link brought this
 // browser to Klaviyo, the API refuses the claim (404) and withdraws what Klaviyo granted.
-async function finishConnecting(handle) {
+async function finishConnecting(handle, retried = false) {
   const retry = $("completion-retry");
   retry.hidden = true;
   notify("info", "Finishing the connection…");
@@ -236,13 +241,14 @@ async function finishConnecting(handle) {
     const { account } = await api("POST", "/api/oauth/connect/klaviyo/complete", { completion: handle });
     outcome = ["success", `${CONNECTED} ${account.klaviyoAccountName} is connected for ${user}.`];
   } catch (error) {
-    outcome = ["error", error.status === 404 ? COMPLETION_REFUSED : error.message];
+    const refused = retried ? ["info", COMPLETION_MAYBE_DONE] : ["error", COMPLETION_REFUSED];
+    outcome = error.status === 404 ? refused : ["error", error.message];
     if (error.status === 401) {
       // No session to finish it with any more: withdraw it rather than leave it claimable.
       await declineConnecting(handle);
     } else if (error.status !== 404) {
       // After trouble (busy, unreachable) the service keeps the handle valid for a few minutes.
-      retry.onclick = () => finishConnecting(handle);
+      retry.onclick = () => finishConnecting(handle, true);
       retry.hidden = false;
     }
   }
@@ -423,6 +429,8 @@ async function startConnect(accountName, button, errorId) {
 async function connectWithApiKey(form) {
   const key = $("api-key");
   const name = $("api-key-name").value.trim();
+  // A new attempt by either method replaces what an earlier one reported.
+  showFieldError("connect-error", "", $("connect-name"));
   showFieldError("api-key-error", "");
   if (!key.value.trim()) {
     showFieldError("api-key-error", "Paste your private API key.", key);
