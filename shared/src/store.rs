@@ -94,6 +94,19 @@ where
         .is_some_and(|code| code == "ConditionalCheckFailedException")
 }
 
+/// A write whose failed condition means there is nothing (more) to do.
+fn done_unless_refused<T, E, R>(result: Result<T, SdkError<E, R>>) -> Result<(), StoreError>
+where
+    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if is_condition_failure(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Which items of a cancelled transaction failed their condition (`None` when the
 /// transaction was not cancelled, or failed for another reason).
 fn failed_conditions<R>(error: &SdkError<TransactWriteItemsError, R>) -> Option<Vec<bool>> {
@@ -721,11 +734,7 @@ impl Store {
             .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        done_unless_refused(result)
     }
 
     // ---- pending revocations -----------------------------------------------------------
@@ -784,13 +793,9 @@ impl Store {
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await;
-        match result {
-            // The handle is 32 random bytes: only this request can have written it, so an
-            // attempt whose answer was lost landed and the SDK's retry met it.
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        // The handle is 32 random bytes: only this request can have written it, so an attempt
+        // whose answer was lost landed and the SDK's retry met it.
+        done_unless_refused(result)
     }
 
     /// Takes the parked connection under `handle_hash` for one completion request (`owner`),
@@ -857,11 +862,7 @@ impl Store {
             .expression_attribute_values(":owner", AttributeValue::S(claim.owner.clone()))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        done_unless_refused(result)
     }
 
     /// Records another failed attempt and when to try next (if the item still exists).
@@ -1171,23 +1172,12 @@ impl TryFrom<RevocationRecord> for PendingRevocation {
 }
 
 /// A pending revocation (the same attributes, so the refresh job's pass reads it as one) with
-/// what the connection needs besides its tokens.
+/// what the connection needs besides its tokens. Its `expires_at`, the TTL, is the tokens' idle
+/// lifetime, not the completion window: TTL must not delete tokens before they are revoked.
 #[derive(Serialize, Deserialize)]
 struct ParkedRecord {
-    pk: String,
-    sk: String,
-    user_id: String,
-    connection_id: String,
-    #[serde(with = "serde_bytes")]
-    credentials: Vec<u8>,
-    #[serde(with = "time::serde::rfc3339")]
-    created_at: OffsetDateTime,
-    attempts: u32,
-    due_bucket: String,
-    due_at: i64,
-    /// Epoch seconds; also the table's TTL attribute (the tokens' idle lifetime, not the
-    /// completion window: TTL must not delete tokens before they are revoked).
-    expires_at: i64,
+    #[serde(flatten)]
+    revocation: RevocationRecord,
     /// Epoch seconds; the end of the completion window.
     complete_by: i64,
     account_name: String,
@@ -1206,19 +1196,9 @@ struct ParkedRecord {
 
 impl From<&ParkedConnection> for ParkedRecord {
     fn from(parked: &ParkedConnection) -> Self {
-        let revocation = RevocationRecord::from(&parked.revocation());
         let c = &parked.connection;
         Self {
-            pk: revocation.pk,
-            sk: revocation.sk,
-            user_id: revocation.user_id,
-            connection_id: revocation.connection_id,
-            credentials: revocation.credentials,
-            created_at: revocation.created_at,
-            attempts: revocation.attempts,
-            due_bucket: revocation.due_bucket,
-            due_at: revocation.due_at,
-            expires_at: revocation.expires_at,
+            revocation: RevocationRecord::from(&parked.revocation()),
             complete_by: parked.complete_by.unix_timestamp(),
             account_name: c.account_name.clone(),
             klaviyo_account_id: c.klaviyo_account_id.clone(),
@@ -1234,29 +1214,29 @@ impl TryFrom<ParkedRecord> for ParkedConnection {
     type Error = StoreError;
 
     fn try_from(r: ParkedRecord) -> Result<Self, StoreError> {
-        let user_id = UserId::parse(&r.user_id).ok_or_else(|| corrupt("parked user_id"))?;
+        let revocation = PendingRevocation::try_from(r.revocation)?;
         let connection = Connection {
-            id: r.connection_id,
-            user_id,
+            id: revocation.connection_id,
+            user_id: revocation.user_id,
             account_name: r.account_name,
             klaviyo_account_id: r.klaviyo_account_id,
             klaviyo_account_name: r.klaviyo_account_name,
             auth_type: AuthType::OAuth,
             status: ConnectionStatus::Active,
             scopes: r.scopes,
-            connected_at: r.created_at,
-            updated_at: r.created_at,
+            connected_at: revocation.created_at,
+            updated_at: revocation.created_at,
             last_refreshed_at: None,
             access_token_expires_at: r.access_token_expires_at,
             refresh_due_at: r
                 .access_token_expires_at
                 .map(|at| at - crate::model::REFRESH_LEAD),
             refresh_failures: 0,
-            credentials: SealedBlob::from_bytes(r.credentials),
+            credentials: revocation.credentials,
             version: 0,
         };
         Ok(Self {
-            handle_hash: r.pk.strip_prefix("REVOKE#").unwrap_or(&r.pk).to_owned(),
+            handle_hash: revocation.id,
             connection,
             complete_by: OffsetDateTime::from_unix_timestamp(r.complete_by).map_err(corrupt)?,
         })
@@ -1347,6 +1327,52 @@ impl UpdateBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parked_connection_is_stored_as_a_pending_revocation_and_read_back_whole() {
+        let alice = UserId::parse("alice").unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let expires = now + time::Duration::hours(1);
+        let connection = Connection {
+            id: Connection::id_for(&alice, "KLAV1"),
+            user_id: alice,
+            account_name: "Main store".into(),
+            klaviyo_account_id: "KLAV1".into(),
+            klaviyo_account_name: "Org".into(),
+            auth_type: AuthType::OAuth,
+            status: ConnectionStatus::Active,
+            scopes: vec!["accounts:read".into()],
+            connected_at: now,
+            updated_at: now,
+            last_refreshed_at: None,
+            access_token_expires_at: Some(expires),
+            refresh_due_at: Some(expires - crate::model::REFRESH_LEAD),
+            refresh_failures: 0,
+            credentials: SealedBlob::from_bytes(vec![2, 0, 1, 7, 7]),
+            version: 0,
+        };
+        let (parked, _handle) = ParkedConnection::new(connection, now);
+        let item = to_item(ParkedRecord::from(&parked)).unwrap();
+        assert!(matches!(
+            item.get("credentials"),
+            Some(AttributeValue::B(_))
+        ));
+        assert_eq!(
+            item["pk"].as_s().unwrap(),
+            &format!("REVOKE#{}", parked.handle_hash)
+        );
+        let read: ParkedConnection = from_item::<ParkedRecord>(item.clone())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(read, parked);
+        // The refresh job's pending-revocation pass reads the same item as a revocation.
+        let revocation: PendingRevocation = from_item::<RevocationRecord>(item)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(revocation, parked.revocation());
+    }
 
     #[test]
     fn due_buckets_are_stable_and_bounded() {
