@@ -369,6 +369,17 @@ pub fn json_body<T: DeserializeOwned>(req: &Request, limit: usize) -> Result<T, 
     if bytes.len() > limit {
         return Err(ApiError::PayloadTooLarge { limit });
     }
+    // Every body is an object: serde would also read a struct from an array of its fields.
+    let is_object = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if !is_object && serde_json::from_slice::<serde_json::Value>(bytes).is_ok() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "Request body must be a JSON object.",
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::bad_request(
             "invalid_body",
@@ -622,6 +633,11 @@ mod tests {
             json_body::<Input>(&with("application/json", r#"{"n":"pk_secret"}"#), 100).unwrap_err();
         assert_eq!(err.code(), "invalid_body");
         assert!(!err.to_string().contains("pk_secret"));
+        // The fields as an array (which serde would read into the struct) or a bare value.
+        for body in ["[1]", " [1]", "1", "\"x\"", "null"] {
+            let err = json_body::<Input>(&with("application/json", body), 100).unwrap_err();
+            assert_eq!(err.code(), "invalid_body", "{body}");
+        }
     }
 }
 
