@@ -35,3 +35,5 @@ build-DisconnectFunction:
 	scripts/lambda-artifact.sh disconnect
 build-RefreshFunction:
 	scripts/lambda-artifact.sh refresh
+build-EventsFunction:
+	scripts/lambda-artifact.sh events

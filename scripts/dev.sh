@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make dev`: the whole system on this machine: local AWS (moto), the local Klaviyo sandbox
-# on http://127.0.0.1:${LOCAL_SANDBOX_PORT:-9100}, the five functions under `cargo lambda
+# `make dev`: the whole system on this machine: local AWS (moto, with the connection events'
+# bus and the stream pump), the local Klaviyo sandbox
+# on http://127.0.0.1:${LOCAL_SANDBOX_PORT:-9100}, the six functions under `cargo lambda
 # watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit), the example
 # settings page on http://127.0.0.1:${LOCAL_FRONTEND_PORT:-9300}/settings with a dev sign-in
 # link, and a ready JWT.
@@ -53,6 +54,10 @@ Connect a Klaviyo account through the sandbox (README: "Connect flow walk-throug
   LANDING=\$(curl -s -o /dev/null -w '%{redirect_url}' "\$CALLBACK")   # $FRONTEND_URL/settings?connected=klaviyo&completion=…
   COMPLETION=\$(python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlsplit(sys.argv[1]).query)["completion"][0])' "\$LANDING")
   curl -s -X POST -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d "{\"completion\":\"\$COMPLETION\"}" "$LOCAL_API_URL/api/oauth/connect/klaviyo/complete"   # now connected: {"success":true,"account":{…}}
+
+Connection events (Created, Reauthorized, Needs Reauth, Degraded, Recovered, Disconnected) go
+to the local EventBridge bus $EVENT_BUS_NAME; watch them arrive in another shell:
+  eval "\$(scripts/local-stack.sh env)"; .venv/bin/python scripts/watch_events.py
 
 The stack's settings, for other shells:  eval "\$(scripts/local-stack.sh env)"
 Ctrl-C stops everything.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The local stack of klaviyo-connect: local AWS (moto in server mode on loopback: DynamoDB,
-# KMS, Secrets Manager, provisioned from template.yaml, with IAM enforced: each function runs
-# as a user whose policy is its policy in template.yaml) and the local Klaviyo sandbox.
+# The local stack of klaviyo-connect: local AWS (moto in server mode on loopback: DynamoDB
+# with its stream, KMS, Secrets Manager, EventBridge and SQS, provisioned from template.yaml,
+# with IAM enforced: each function runs as a user whose policy is its policy in template.yaml),
+# the local Klaviyo sandbox, the example settings page, and a stream pump that plays Lambda's
+# event source mapping (the connection events: EVENT_BUS_NAME, watched on EVENT_QUEUE_URL).
 #
 #   eval "$(scripts/local-stack.sh up)"   start (or reuse) the stack, print its environment
 #   scripts/local-stack.sh down           stop the servers this stack started
@@ -59,7 +61,7 @@ up() {
   "$root/scripts/venv.sh"
   local template_hash; template_hash="$(sha256sum "$root/template.yaml" | cut -d' ' -f1)"
   if server_running && process_running sandbox klaviyo-sandbox && process_running page serve_page \
-      && [[ -f "$state/env.sh" ]]; then
+      && process_running pump stream_pump && [[ -f "$state/env.sh" ]]; then
     # The functions' IAM users are made from template.yaml: a changed template needs a new stack.
     if [[ "$(cat "$state/template.sha256" 2>/dev/null)" == "$template_hash" ]]; then
       cat "$state/env.sh"
@@ -113,12 +115,20 @@ EXPORTS
     > "$state/page.log" 2>&1 &
   echo $! > "$state/page.pid"
   wait_for page serve_page "http://127.0.0.1:$frontend_port/settings"
+
+  # Lambda's event source mapping, locally: the table's stream to the events function (it
+  # waits for the functions to be served).
+  echo "Pumping the table's stream to the events function (log: $state/pump.log)" >&2
+  (set -a; source "$state/env.sh.tmp"; exec nohup "$python" "$root/scripts/stream_pump.py" \
+    --template "$root/template.yaml" --api-url "$api_url") > "$state/pump.log" 2>&1 &
+  echo $! > "$state/pump.pid"
   echo "$template_hash" > "$state/template.sha256"
   mv "$state/env.sh.tmp" "$state/env.sh"
   cat "$state/env.sh"
 }
 
 down() {
+  stop_process pump stream_pump
   stop_process sandbox klaviyo-sandbox
   stop_process page serve_page
   stop_process moto moto_

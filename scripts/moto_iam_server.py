@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """moto_server, with requests authorized the way AWS authorizes them.
 
-moto (5.1.22) can check IAM (INITIAL_NO_AUTH_ACTION_COUNT), but for DynamoDB, KMS and Secrets
-Manager it checks every action against the resource `*`, so a statement scoped to a table or key
+moto (5.1.22) can check IAM (INITIAL_NO_AUTH_ACTION_COUNT), but for DynamoDB, KMS, Secrets
+Manager and EventBridge it checks every action against the resource `*`, so a statement scoped to a table or key
 ARN never matches; it checks `dynamodb:TransactWriteItems`, an action AWS does not have (AWS
 checks each item's PutItem, UpdateItem, DeleteItem or ConditionCheckItem); and it passes
 conditions it has no values for. This wrapper replaces only the authorization step: for each
@@ -11,7 +11,8 @@ request it works out what AWS would check (action, resource ARN, and for KMS the
 Allow and Deny, wildcards in actions and resources, and StringEquals conditions. A policy using
 anything else fails loudly instead of being half-evaluated.
 
-Signature checking, access keys and users stay moto's. Usage is moto_server's:
+It also serializes DynamoDB item writes (see below: moto's failed transactions would
+otherwise drop concurrent writes). Signature checking, access keys and users stay moto's. Usage is moto_server's:
     moto_iam_server.py -H 127.0.0.1 -p PORT
 With MOTO_IAM_AUDIT_LOG set, every decision is appended there as a JSON line (user, action,
 resource, allowed), so `scripts/iam_audit.py` can tell which granted actions were never used.
@@ -68,6 +69,12 @@ def _secret(request, secret_id):
     return secret.arn if secret else secret_id
 
 
+def _event_bus(request, bus):
+    if bus.startswith("arn:"):
+        return bus
+    return f"arn:aws:events:{request._region}:{request.account_id}:event-bus/{bus}"
+
+
 TRANSACT_ITEM_ACTIONS = {
     "Put": "PutItem",
     "Update": "UpdateItem",
@@ -104,6 +111,10 @@ def checks(request):
         return [(request._action, _kms_key(request, body["KeyId"]), context)]
     if service == "secretsmanager" and "SecretId" in body:
         return [(request._action, _secret(request, body["SecretId"]), {})]
+    if service == "events" and operation == "PutEvents":
+        # Authorized on each event bus the entries name (the default bus when none).
+        buses = {entry.get("EventBusName") or "default" for entry in body.get("Entries", [])}
+        return [(request._action, _event_bus(request, bus), {}) for bus in sorted(buses)]
     return [(request._action, "*", {})]
 
 
@@ -186,6 +197,89 @@ def check_action_permitted(self, resource):
 
 
 access_control.IAMRequestBase.check_action_permitted = check_action_permitted
+
+
+# moto applies a TransactWriteItems item by item and, when one fails its condition, puts back
+# a deep copy of each whole table taken before it started: slow on a large table, and a write
+# another request made in between is lost with it (and its stream record, and any stream
+# iterator still reads the replaced table's stream), which DynamoDB never does. Here item
+# writes take turns, and a transaction saves only the items it names and undoes only those
+# (and the stream records it added) when it fails.
+import copy  # noqa: E402
+
+from moto.dynamodb.models import DynamoDBBackend  # noqa: E402
+from moto.dynamodb.models.dynamo_type import DynamoType  # noqa: E402
+from moto.dynamodb.models.table import Table  # noqa: E402
+from moto.dynamodbstreams.models import DynamoDBStreamsBackend  # noqa: E402
+
+_writes = threading.RLock()
+
+
+def _one_at_a_time(method):
+    def write(*args, **kwargs):
+        with _writes:
+            return method(*args, **kwargs)
+
+    return write
+
+
+for _name in ("put_item", "update_item", "delete_item"):
+    setattr(DynamoDBBackend, _name, _one_at_a_time(getattr(DynamoDBBackend, _name)))
+# Readers of the stream see no record a failing transaction is about to take back.
+DynamoDBStreamsBackend.get_records = _one_at_a_time(DynamoDBStreamsBackend.get_records)
+
+_moto_transact_write_items = DynamoDBBackend.transact_write_items
+
+
+def _key_of(table, op_type, op):
+    attributes = op["Item"] if op_type == "Put" else op["Key"]
+    hash_value = DynamoType(attributes[table.hash_key_attr])
+    range_value = DynamoType(attributes[table.range_key_attr]) if table.range_key_attr else None
+    return hash_value, range_value
+
+
+def _restore(table, hash_value, range_value, before):
+    if range_value is not None:
+        if before is None:
+            table.items[hash_value].pop(range_value, None)
+        else:
+            table.items[hash_value][range_value] = before
+    elif before is None:
+        table.items.pop(hash_value, None)
+    else:
+        table.items[hash_value] = before
+
+
+def transact_write_items(self, transact_items):
+    with _writes:
+        saved, streams = [], {}
+        for entry in transact_items:
+            op_type, op = next(iter(entry.items()))
+            table = self.tables.get(op.get("TableName"))
+            if table is None:
+                continue
+            try:
+                hash_value, range_value = _key_of(table, op_type, op)
+            except (KeyError, TypeError):
+                continue  # malformed: moto's own validation answers it
+            saved.append((table, hash_value, range_value, copy.deepcopy(table.get_item(hash_value, range_value))))
+            if table.stream_shard is not None:
+                streams.setdefault(id(table), (table, len(table.stream_shard.items)))
+        # moto's whole-table copy becomes the table itself, so its restore changes nothing.
+        Table.__deepcopy__ = lambda table, memo: table
+        try:
+            return _moto_transact_write_items(self, transact_items)
+        except Exception:
+            for table, hash_value, range_value, before in reversed(saved):
+                _restore(table, hash_value, range_value, before)
+            for table, length in streams.values():
+                del table.stream_shard.items[length:]
+            raise
+        finally:
+            del Table.__deepcopy__
+
+
+DynamoDBBackend.transact_write_items = transact_write_items
 
 if __name__ == "__main__":
     sys.exit(server.main(sys.argv[1:]))

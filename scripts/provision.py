@@ -9,7 +9,11 @@ Everything comes from template.yaml, so the local stack cannot drift from the de
   their access keys go to a shared credentials file, one profile per function (named after the
   function's binary), which `cargo lambda watch` selects per function through
   `[workspace.metadata.lambda.bin.<name>.env]` in Cargo.toml;
-- the KMS key and the two secrets get fresh random local values.
+- the KMS key and the two secrets get fresh random local values;
+- the table's stream (StreamSpecification), the connection events bus, and a local queue
+  subscribed to every event on it (EVENT_QUEUE_URL: where `make dev` shows the events), plus
+  the queue stream batches go to when the events function keeps failing (as
+  EventsDeadLetterQueue on AWS). scripts/stream_pump.py plays Lambda's event source mapping.
 
 moto runs with INITIAL_NO_AUTH_ACTION_COUNT=3: the first three calls here create the admin user
 provisioning (and the tests) use; every later call of anyone is checked against IAM policies
@@ -35,6 +39,9 @@ TABLE_NAME = "klaviyo-connect-local"
 KEY_ALIAS = "alias/klaviyo-connect-local"
 CLIENT_SECRET_NAME = "klaviyo-connect/local/klaviyo-client-secret"
 JWT_SECRET_NAME = "klaviyo-connect/local/jwt-secret"
+EVENT_BUS_NAME = "klaviyo-connect-local-connections"
+EVENT_QUEUE_NAME = "klaviyo-connect-local-events"
+EVENTS_DEAD_LETTER_QUEUE_NAME = "klaviyo-connect-local-events-dead-letters"
 REGION = "us-east-1"
 ADMIN_USER = "klaviyo-connect-admin"
 NOBODY_USER = "klaviyo-connect-nobody"
@@ -138,7 +145,11 @@ def create_table(dynamodb, props):
     }
     if props.get("GlobalSecondaryIndexes"):
         args["GlobalSecondaryIndexes"] = props["GlobalSecondaryIndexes"]
-    table_arn = dynamodb.create_table(**args)["TableDescription"]["TableArn"]
+    stream = props.get("StreamSpecification")
+    if stream:
+        args["StreamSpecification"] = {"StreamEnabled": True, "StreamViewType": stream["StreamViewType"]}
+    description = dynamodb.create_table(**args)["TableDescription"]
+    table_arn = description["TableArn"]
     dynamodb.get_waiter("table_exists").wait(TableName=TABLE_NAME)
     ttl = props.get("TimeToLiveSpecification")
     if ttl and ttl.get("Enabled"):
@@ -146,7 +157,20 @@ def create_table(dynamodb, props):
             TableName=TABLE_NAME,
             TimeToLiveSpecification={"AttributeName": ttl["AttributeName"], "Enabled": True},
         )
-    return table_arn
+    return table_arn, description.get("LatestStreamArn", "")
+
+
+def create_events(events, sqs):
+    """The bus, a queue that receives every event on it, and the events' dead-letter queue."""
+    bus_arn = events.create_event_bus(Name=EVENT_BUS_NAME)["EventBusArn"]
+    queue_url = sqs.create_queue(QueueName=EVENT_QUEUE_NAME)["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.put_rule(Name="all-connection-events", EventBusName=EVENT_BUS_NAME,
+                    EventPattern=json.dumps({"source": ["klaviyo-connect"]}))
+    events.put_targets(Rule="all-connection-events", EventBusName=EVENT_BUS_NAME,
+                       Targets=[{"Id": "local-queue", "Arn": queue_arn}])
+    dead_letters = sqs.create_queue(QueueName=EVENTS_DEAD_LETTER_QUEUE_NAME)["QueueUrl"]
+    return bus_arn, queue_url, dead_letters
 
 
 def create_key(kms):
@@ -190,7 +214,8 @@ def main():
     else:
         sys.exit(f"moto does not enforce IAM: start it with INITIAL_NO_AUTH_ACTION_COUNT={UNAUTHENTICATED_CALLS}")
 
-    table_arn = create_table(client("dynamodb", *admin), table_definition(template))
+    table_arn, stream_arn = create_table(client("dynamodb", *admin), table_definition(template))
+    bus_arn, event_queue_url, events_dead_letters = create_events(client("events", *admin), client("sqs", *admin))
     key_arn = create_key(client("kms", *admin))
     sm = client("secretsmanager", *admin)
     client_secret_arn = create_secret(sm, CLIENT_SECRET_NAME)
@@ -202,8 +227,14 @@ def main():
             "CredentialsKey": key_arn.split("/")[-1],
             "KlaviyoClientSecret": client_secret_arn,
             "JwtSecret": jwt_secret_arn,
+            "ConnectionEventsBus": EVENT_BUS_NAME,
         },
-        attributes={"ConnectionsTable.Arn": table_arn, "CredentialsKey.Arn": key_arn},
+        attributes={
+            "ConnectionsTable.Arn": table_arn,
+            "ConnectionsTable.StreamArn": stream_arn,
+            "CredentialsKey.Arn": key_arn,
+            "ConnectionEventsBus.Arn": bus_arn,
+        },
     )
     # `default` catches a function started without its profile; `secrets-only` is for tests
     # that show what a function does when its policy lacks every table and key action (it can
@@ -250,6 +281,11 @@ def main():
         # local name, so both kinds of allowed origin are exercised.
         "ALLOWED_ORIGINS": args.frontend_url.replace("127.0.0.1", "localhost"),
         "LOCAL_API_URL": args.api_url,
+        # The events function's setting (EVENT_BUS_NAME), and where the events land locally.
+        "EVENT_BUS_NAME": EVENT_BUS_NAME,
+        "EVENT_QUEUE_URL": event_queue_url,
+        "EVENTS_DEAD_LETTER_QUEUE_URL": events_dead_letters,
+        "TABLE_STREAM_ARN": stream_arn,
     }
     for name, value in env.items():
         print(f"export {name}={shlex.quote(value)}")

@@ -6,7 +6,7 @@
 use crate::auth::JwtVerifier;
 use crate::context::{Endpoint, Environment, InitError};
 use crate::http::{ApiError, json, require_method, unavailable};
-use crate::model::{AuthType, Connection, ConnectionStatus};
+use crate::model::{AuthType, Connection, ConnectionStatus, StatusReason};
 use crate::store::Store;
 use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
@@ -31,6 +31,9 @@ pub struct AccountView {
     pub last_refreshed_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub access_token_expires_at: Option<OffsetDateTime>,
+    /// Only for `needs_reauth`: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<StatusReason>,
 }
 
 impl From<&Connection> for AccountView {
@@ -47,6 +50,13 @@ impl From<&Connection> for AccountView {
             scopes: c.scopes.clone(),
             last_refreshed_at: c.last_refreshed_at,
             access_token_expires_at: c.access_token_expires_at,
+            status_reason: match c.status {
+                ConnectionStatus::Active => None,
+                // Marked before reasons were recorded: only a refused refresh did that.
+                ConnectionStatus::NeedsReauth => {
+                    Some(c.status_reason.unwrap_or(StatusReason::RefreshRefused))
+                }
+            },
         }
     }
 }

@@ -154,6 +154,12 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
                 AWS * 3,
             )
             .step("inline revocation", INLINE_BUDGET),
+        // One PutEvents call (a batch of ten changes makes at most ten events), its failed
+        // entries tried again twice with pauses of 0.2 and 0.4 s.
+        "events" => Budget::new().step(
+            "PutEvents, three attempts with their pauses",
+            AWS * crate::events::PUT_ATTEMPTS + crate::events::RETRY_PAUSE * 3,
+        ),
         // The job stops taking work DEADLINE_MARGIN before its deadline; what is in flight
         // then is at most one item per worker, all in parallel.
         "refresh" => Budget::new()

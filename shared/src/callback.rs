@@ -277,6 +277,9 @@ impl Callback {
             access_token_expires_at: Some(tokens.expires_at),
             refresh_due_at: Some(tokens.expires_at - REFRESH_LEAD),
             refresh_failures: 0,
+            authorized_at: now,
+            status_reason: None,
+            degraded: false,
             credentials: sealed,
             version: 0,
         };

@@ -132,6 +132,7 @@ impl Completer {
         let connection = Connection {
             connected_at: now,
             updated_at: now,
+            authorized_at: now,
             ..parked.connection.clone()
         };
         match self

@@ -30,6 +30,11 @@ impl ConfigError {
             problem: problem.into(),
         }
     }
+
+    /// A setting the function needs that is not set.
+    pub fn missing(name: &'static str) -> Self {
+        Self::new(name, "is missing (set it in the environment)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +57,9 @@ pub struct Config {
     /// Whether an OAuth connect waits for the user's own session to complete it
     /// (`CONNECT_COMPLETION`, `required` by default, or `off`).
     pub connect_completion: ConnectCompletion,
+    /// The EventBridge bus connection events go to (`EVENT_BUS_NAME`); only the `events`
+    /// function needs it.
+    pub event_bus_name: Option<String>,
 }
 
 /// `CONNECT_COMPLETION`: `Required` parks the callback's result until the user who started
@@ -157,6 +165,10 @@ impl Config {
                 limit: env.bounded("CONNECT_RATE_LIMIT", 10, 1..=10_000)? as u32,
                 window_secs: env.bounded("CONNECT_RATE_WINDOW_SECONDS", 60, 1..=86_400)? as u32,
             },
+            event_bus_name: match env.optional("EVENT_BUS_NAME") {
+                Some(name) => Some(env.bus_name("EVENT_BUS_NAME", name)?),
+                None => None,
+            },
             connect_completion: match env.optional("CONNECT_COMPLETION").as_deref() {
                 None | Some("required") => ConnectCompletion::Required,
                 Some("off") => ConnectCompletion::Off,
@@ -217,6 +229,28 @@ impl<F: Fn(&str) -> Option<String>> Lookup<'_, F> {
                     ),
                 )
             })
+    }
+
+    /// An EventBridge bus name (1-256 of a-z A-Z 0-9 . _ -), or a bus ARN.
+    fn bus_name(&self, name: &'static str, value: String) -> Result<String, ConfigError> {
+        let valid = |s: &str| {
+            (1..=256).contains(&s.len())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        let ok = match value.strip_prefix("arn:") {
+            Some(_) => value
+                .rsplit_once(":event-bus/")
+                .is_some_and(|(_, bus)| valid(bus)),
+            None => valid(&value),
+        };
+        if !ok {
+            return Err(ConfigError::new(
+                name,
+                "is not an EventBridge bus name (1-256 of a-z A-Z 0-9 . _ -) or bus ARN",
+            ));
+        }
+        Ok(value)
     }
 
     fn table_name(&self, name: &'static str) -> Result<String, ConfigError> {
@@ -409,6 +443,13 @@ mod tests {
         assert_eq!(config.jwt.issuer, None);
         assert_eq!(config.jwt.max_lifetime_secs, None);
         assert_eq!(config.connect_completion, ConnectCompletion::Required);
+        assert_eq!(config.event_bus_name, None);
+        let mut bus = base();
+        bus.insert("EVENT_BUS_NAME", "klaviyo-connect-events");
+        assert_eq!(
+            load(&bus).unwrap().event_bus_name.as_deref(),
+            Some("klaviyo-connect-events")
+        );
         let mut off = base();
         off.insert("CONNECT_COMPLETION", "off");
         assert_eq!(
@@ -469,6 +510,8 @@ mod tests {
             ("JWT_MAX_LIFETIME_SECONDS", "59"),
             ("JWT_MAX_LIFETIME_SECONDS", "86401"),
             ("CONNECT_COMPLETION", "Required"),
+            ("EVENT_BUS_NAME", "bus with spaces"),
+            ("EVENT_BUS_NAME", "arn:aws:events:us-east-1:1:rule/x"),
             ("CONNECT_COMPLETION", "no"),
             ("FRONTEND_URL", "https://user:pw@app.example.com"),
             ("ALLOWED_ORIGINS", "*"),

@@ -174,6 +174,9 @@ impl Connect {
             access_token_expires_at: None,
             refresh_due_at: None,
             refresh_failures: 0,
+            authorized_at: now,
+            status_reason: None,
+            degraded: false,
             credentials: sealed,
             version: 0,
         };

@@ -14,6 +14,7 @@
 use crate::auth::JwtVerifier;
 use crate::config::{Config, ConfigError};
 use crate::crypto::Sealer;
+use crate::events::Publisher;
 use crate::http::{ApiError, FrontendRedirects, Web};
 use crate::klaviyo::{ClientSecretSource, Klaviyo};
 use crate::revocation::Revoker;
@@ -133,6 +134,20 @@ impl Environment {
     pub async fn klaviyo_and_jwt_verifier(&self) -> Result<(Klaviyo, JwtVerifier), InitError> {
         let (klaviyo, verifier) = tokio::join!(self.klaviyo(), self.jwt_verifier());
         Ok((klaviyo?, verifier?))
+    }
+
+    /// The connection events' publisher; `EVENT_BUS_NAME` must be set.
+    pub fn publisher(&self) -> Result<Publisher, InitError> {
+        let bus = self
+            .config
+            .event_bus_name
+            .as_deref()
+            .ok_or_else(|| InitError::Config(ConfigError::missing("EVENT_BUS_NAME")));
+        let bus = bus.inspect_err(log_failure)?;
+        Ok(Publisher::new(
+            aws_sdk_eventbridge::Client::new(&self.sdk),
+            bus,
+        ))
     }
 
     pub fn revoker(&self, klaviyo: Klaviyo) -> Revoker {

@@ -1,7 +1,7 @@
 //! klaviyo-connect's core: everything the five Lambda functions do, so that each binary is
 //! a few lines. Infrastructure modules (`config`, `context`, `auth`, `crypto`, `store`,
 //! `http`, `telemetry`) serve one module per use case (`connect`, `callback`, `complete`,
-//! `accounts`, `disconnect`, `refresh`), which is where a request goes.
+//! `accounts`, `disconnect`, `refresh`, `events`), which is where a request goes.
 
 pub mod accounts;
 pub mod auth;
@@ -13,6 +13,7 @@ pub mod connect;
 pub mod context;
 pub mod crypto;
 pub mod disconnect;
+pub mod events;
 pub mod http;
 pub mod klaviyo;
 pub mod model;

@@ -67,6 +67,17 @@ pub enum ConnectionStatus {
     NeedsReauth,
 }
 
+/// Why a connection needs re-authorisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusReason {
+    /// Klaviyo refused the refresh token (`invalid_grant`: the app was removed in Klaviyo, or
+    /// the token expired unused).
+    RefreshRefused,
+    /// Klaviyo refused the private API key.
+    ApiKeyRefused,
+}
+
 /// One user's link to one Klaviyo account. Connecting the same Klaviyo account again (by
 /// either method) updates this connection: its id is derived from user and Klaviyo account,
 /// so it is stable across reconnects and a concurrent double connect cannot duplicate it.
@@ -89,6 +100,14 @@ pub struct Connection {
     pub refresh_due_at: Option<OffsetDateTime>,
     /// Transient refresh failures in a row; drives the retry backoff.
     pub refresh_failures: u32,
+    /// When the user granted the current credentials (connect, reconnect, a switch of method);
+    /// refreshes keep it. A change is a re-authorisation.
+    pub authorized_at: OffsetDateTime,
+    /// Why the connection needs re-authorisation (set with `NeedsReauth`, cleared with it).
+    pub status_reason: Option<StatusReason>,
+    /// Refreshes keep failing for transient reasons and the access token has expired: calls
+    /// with this connection fail until a refresh succeeds.
+    pub degraded: bool,
     /// Tokens or API key, sealed to (user id, connection id, purpose).
     pub credentials: SealedBlob,
     /// Incremented by every write; conditional writes compare it.
@@ -427,6 +446,9 @@ mod tests {
             access_token_expires_at: None,
             refresh_due_at: None,
             refresh_failures: 0,
+            authorized_at: now,
+            status_reason: None,
+            degraded: false,
             credentials: SealedBlob::from_bytes(vec![1, 2, 3]),
             version: 0,
         };

@@ -25,6 +25,7 @@ use crate::crypto::{CryptoError, DataKey, Sealer};
 use crate::klaviyo::{Klaviyo, KlaviyoError, TokenSet};
 use crate::model::{
     AuthType, Connection, ConnectionStatus, Credentials, PendingRevocation, REFRESH_LEAD,
+    StatusReason,
 };
 use crate::revocation::Revoker;
 use crate::secret::Secret;
@@ -263,6 +264,7 @@ impl Refresher {
         updated.last_refreshed_at = Some(now);
         updated.updated_at = now;
         updated.refresh_failures = 0;
+        updated.degraded = false;
         if let Some(scopes) = tokens.scopes {
             updated.scopes = scopes;
         }
@@ -394,6 +396,8 @@ impl Refresher {
     async fn needs_reauth(&self, connection: &Connection, reason: &str, owner: &str) -> Outcome {
         let mut updated = connection.clone();
         updated.status = ConnectionStatus::NeedsReauth;
+        updated.status_reason = Some(StatusReason::RefreshRefused);
+        updated.degraded = false;
         updated.refresh_due_at = None;
         updated.updated_at = OffsetDateTime::now_utc();
         match self.write(&updated, connection.version, owner).await {
@@ -433,6 +437,10 @@ impl Refresher {
         let mut updated = connection.clone();
         updated.refresh_failures = failures;
         updated.refresh_due_at = Some(now + time::Duration::seconds(delay_secs));
+        // Calls with the stored access token fail now: the host app hears of it (an event).
+        updated.degraded = connection
+            .access_token_expires_at
+            .is_some_and(|expires| expires <= now);
         tracing::warn!(
             event = "refresh_deferred",
             connection_id = %connection.id,

@@ -20,7 +20,7 @@ use crate::auth::UserId;
 use crate::crypto::SealedBlob;
 use crate::model::{
     AuthType, Connection, ConnectionStatus, ParkedConnection, PendingAuthorization,
-    PendingRevocation,
+    PendingRevocation, StatusReason,
 };
 use crate::rate_limit::{Admission, RateWindow, Scope};
 use crate::secret::Secret;
@@ -1078,6 +1078,17 @@ struct ConnectionRecord {
     due_at: Option<i64>,
     #[serde(default)]
     refresh_failures: u32,
+    /// Absent on items written before it existed: the connection's first authorisation.
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    authorized_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status_reason: Option<StatusReason>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    degraded: bool,
     #[serde(with = "serde_bytes")]
     credentials: Vec<u8>,
     version: u64,
@@ -1085,9 +1096,11 @@ struct ConnectionRecord {
 
 /// Attributes a connection may lack; a write that leaves them unset removes them. The
 /// lease is never part of a record, so every full write also releases it.
-const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 6] = [
+const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 8] = [
     "last_refreshed_at",
     "access_token_expires_at",
+    "status_reason",
+    "degraded",
     "due_bucket",
     "due_at",
     "lease_owner",
@@ -1114,6 +1127,9 @@ impl From<&Connection> for ConnectionRecord {
             due_bucket: c.refresh_due_at.map(|_| refresh_bucket(&c.id)),
             due_at: c.refresh_due_at.map(OffsetDateTime::unix_timestamp),
             refresh_failures: c.refresh_failures,
+            authorized_at: Some(c.authorized_at),
+            status_reason: c.status_reason,
+            degraded: c.degraded,
             credentials: c.credentials.as_bytes().to_vec(),
             version: c.version,
         }
@@ -1232,6 +1248,9 @@ impl TryFrom<ParkedRecord> for ParkedConnection {
                 .access_token_expires_at
                 .map(|at| at - crate::model::REFRESH_LEAD),
             refresh_failures: 0,
+            authorized_at: revocation.created_at,
+            status_reason: None,
+            degraded: false,
             credentials: revocation.credentials,
             version: 0,
         };
@@ -1244,7 +1263,29 @@ impl TryFrom<ParkedRecord> for ParkedConnection {
 }
 
 fn decode_connection(item: Item) -> Result<Connection, StoreError> {
-    let r: ConnectionRecord = from_item(item).map_err(corrupt)?;
+    record_to_connection(from_item(item).map_err(corrupt)?)
+}
+
+/// The connection an item of the table's stream holds; `None` for other kinds of item (and
+/// for an empty image).
+pub fn connection_from_image(item: serde_dynamo::Item) -> Result<Option<Connection>, StoreError> {
+    let is_connection = matches!(
+        item.inner().get("sk"),
+        Some(serde_dynamo::AttributeValue::S(sk)) if sk.starts_with(CONNECTION_SK_PREFIX)
+    );
+    if !is_connection {
+        return Ok(None);
+    }
+    record_to_connection(serde_dynamo::from_item(item).map_err(corrupt)?).map(Some)
+}
+
+/// A connection as the table's stream shows it (for tests of what reads the stream).
+#[cfg(test)]
+pub(crate) fn image_of(connection: &Connection) -> serde_dynamo::Item {
+    serde_dynamo::to_item(ConnectionRecord::from(connection)).expect("a connection serializes")
+}
+
+fn record_to_connection(r: ConnectionRecord) -> Result<Connection, StoreError> {
     Ok(Connection {
         id: r.connection_id,
         user_id: UserId::parse(&r.user_id).ok_or_else(|| corrupt("connection user_id"))?,
@@ -1264,6 +1305,9 @@ fn decode_connection(item: Item) -> Result<Connection, StoreError> {
             .transpose()
             .map_err(corrupt)?,
         refresh_failures: r.refresh_failures,
+        authorized_at: r.authorized_at.unwrap_or(r.connected_at),
+        status_reason: r.status_reason,
+        degraded: r.degraded,
         credentials: SealedBlob::from_bytes(r.credentials),
         version: r.version,
     })
@@ -1348,6 +1392,9 @@ mod tests {
             access_token_expires_at: Some(expires),
             refresh_due_at: Some(expires - crate::model::REFRESH_LEAD),
             refresh_failures: 0,
+            authorized_at: now,
+            status_reason: None,
+            degraded: false,
             credentials: SealedBlob::from_bytes(vec![2, 0, 1, 7, 7]),
             version: 0,
         };

@@ -98,6 +98,9 @@ async fn seed(n: usize) {
                     access_token_expires_at: Some(now + time::Duration::minutes(10)),
                     refresh_due_at: Some(now - time::Duration::seconds(1)),
                     refresh_failures: 0,
+                    authorized_at: now,
+                    status_reason: None,
+                    degraded: false,
                     credentials: sealed,
                     version: 0,
                 };

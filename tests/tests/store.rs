@@ -40,6 +40,9 @@ fn connection(user: &UserId, klaviyo_account: &str, auth_type: AuthType) -> Conn
         access_token_expires_at: oauth.then_some(expires),
         refresh_due_at: oauth.then_some(expires - Duration::minutes(15)),
         refresh_failures: 0,
+        authorized_at: now,
+        status_reason: None,
+        degraded: false,
         credentials: SealedBlob::from_bytes(vec![1, 0, 1, 42]),
         version: 0,
     }

@@ -107,6 +107,7 @@ fn function_actions_match_the_service_of_their_resource() {
         "AWS::DynamoDB::Table" => "dynamodb",
         "AWS::KMS::Key" => "kms",
         "AWS::SecretsManager::Secret" => "secretsmanager",
+        "AWS::Events::EventBus" => "events",
         other => panic!("unexpected resource type {other}"),
     };
     for (id, _, function) in functions() {
@@ -362,7 +363,9 @@ fn table_and_key_are_retained_except_on_a_failed_create() {
 }
 
 /// A failed or dropped refresh run, and an event Scheduler could not hand over, land in a
-/// queue with an alarm on it; a throttled run is dropped rather than started hours late.
+/// queue with an alarm on it; a throttled run is dropped rather than started hours late. A
+/// stream batch the events function cannot handle is retried a bounded number of times, split
+/// to isolate a bad record, and then lands in an alarmed queue too.
 #[test]
 fn failed_refresh_runs_land_in_alarmed_queues() {
     let queues: Vec<&str> = resources()
@@ -384,6 +387,29 @@ fn failed_refresh_runs_land_in_alarmed_queues() {
         let Some(events) = function["Events"].as_mapping() else {
             continue;
         };
+        let streams: Vec<&Value> = events
+            .values()
+            .filter(|e| e["Type"] == "DynamoDB")
+            .map(|e| &e["Properties"])
+            .collect();
+        if !streams.is_empty() {
+            for stream in streams {
+                let destination =
+                    names_resource(&stream["DestinationConfig"]["OnFailure"]["Destination"]);
+                assert!(
+                    destination.is_some_and(|q| queues.contains(&q.as_str())),
+                    "{id}: failed stream batches need an on-failure queue of this stack"
+                );
+                assert_eq!(stream["BisectBatchOnFunctionError"], true, "{id}");
+                assert!(
+                    stream["MaximumRetryAttempts"]
+                        .as_u64()
+                        .is_some_and(|n| (1..=100).contains(&n)),
+                    "{id}: a bounded number of retries (the default retries until the record expires)"
+                );
+            }
+            continue;
+        }
         let config = &function["EventInvokeConfig"];
         let destination = names_resource(&config["DestinationConfig"]["OnFailure"]["Destination"]);
         assert!(

@@ -1,0 +1,14 @@
+use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use shared::events::StreamEvent;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Error> {
+    shared::telemetry::init();
+    let publisher = shared::Environment::load().await?.publisher()?;
+    let publisher = &publisher;
+    run(service_fn(|event: LambdaEvent<StreamEvent>| async move {
+        let published = publisher.publish(&event.payload).await?;
+        Ok::<_, Error>(serde_json::json!({ "published": published }))
+    }))
+    .await
+}
