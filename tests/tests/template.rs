@@ -727,3 +727,67 @@ fn parameters_accept_only_what_the_functions_accept() {
         "only {checked} settings come from parameters"
     );
 }
+
+/// With a `WebhookUrl`, EventBridge itself delivers every connection event there: an API
+/// destination whose connection takes its header value from a generated secret (never a
+/// literal in the template), retries for a day, then an alarmed dead-letter queue only that
+/// rule may write to. Without one, none of it exists.
+#[test]
+fn webhooks_are_delivered_by_eventbridge_with_a_secret_header_retries_and_a_dead_letter_queue() {
+    let webhook_resources: Vec<&str> = resources()
+        .iter()
+        .filter(|(id, _)| id.as_str().unwrap().starts_with("Webhook"))
+        .map(|(id, _)| id.as_str().unwrap())
+        .collect();
+    assert!(webhook_resources.len() >= 7, "{webhook_resources:?}");
+    for id in &webhook_resources {
+        assert_eq!(
+            resources()[*id]["Condition"],
+            "HasWebhook",
+            "{id} exists only with a WebhookUrl"
+        );
+    }
+    let connection = &resources()["WebhookConnection"]["Properties"];
+    let value = tagged(&connection["AuthParameters"]["ApiKeyAuthParameters"]["ApiKeyValue"])
+        .expect("the header value is resolved, not written in the template");
+    assert!(
+        value
+            .value
+            .as_str()
+            .unwrap()
+            .starts_with("{{resolve:secretsmanager:${WebhookSecret}"),
+        "{value:?}"
+    );
+    let rule = &resources()["WebhookRule"]["Properties"];
+    assert_eq!(
+        names_resource(&rule["EventBusName"]).as_deref(),
+        Some("ConnectionEventsBus")
+    );
+    let target = &list(&rule["Targets"])[0];
+    assert_eq!(
+        names_resource(&target["Arn"]).as_deref(),
+        Some("WebhookDestination")
+    );
+    assert_eq!(
+        names_resource(&target["DeadLetterConfig"]["Arn"]).as_deref(),
+        Some("WebhookDeadLetterQueue")
+    );
+    assert_eq!(target["RetryPolicy"]["MaximumEventAgeInSeconds"], 86_400);
+    let policy = &resources()["WebhookDeadLetterQueuePolicy"]["Properties"]["PolicyDocument"];
+    let statement = &list(&policy["Statement"])[0];
+    assert_eq!(
+        names_resource(&statement["Condition"]["ArnEquals"]["aws:SourceArn"]).as_deref(),
+        Some("WebhookRule"),
+        "only the webhook rule may write dead letters"
+    );
+    let parameter = &TEMPLATE["Parameters"]["WebhookUrl"];
+    let pattern = regex::Regex::new(parameter["AllowedPattern"].as_str().unwrap()).unwrap();
+    for (url, ok) in [
+        ("", true),
+        ("https://app.example.com/hooks/klaviyo", true),
+        ("http://app.example.com/hooks", false),
+        ("https://app.example.com/a b", false),
+    ] {
+        assert_eq!(pattern.is_match(url), ok, "{url}");
+    }
+}
