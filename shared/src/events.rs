@@ -144,19 +144,31 @@ pub fn transition(old: Option<&Connection>, new: Option<&Connection>) -> Option<
     }
 }
 
-/// The events of a stream batch, in order.
+/// The events of a stream batch, in order. A connection image that cannot be read (a bug, or
+/// an item of a newer version during a rollback) is logged and skipped rather than failing
+/// the batch: retrying cannot fix it, and it would hold back every later change of the shard.
 pub fn events_of(batch: &StreamEvent) -> Result<Vec<LifecycleEvent>, EventsError> {
     let mut events = Vec::new();
     for record in &batch.records {
-        let image = |item: &Option<serde_dynamo::Item>| -> Result<Option<Connection>, EventsError> {
-            match item {
-                Some(item) => connection_from_image(item.clone())
-                    .map_err(|e| EventsError::Malformed(format!("{}: {e}", record.event_id))),
-                None => Ok(None),
+        let image = |item: &Option<serde_dynamo::Item>| match item {
+            Some(item) => connection_from_image(item.clone()),
+            None => Ok(None),
+        };
+        let (old, new) = match (
+            image(&record.dynamodb.old_image),
+            image(&record.dynamodb.new_image),
+        ) {
+            (Ok(old), Ok(new)) => (old, new),
+            _ => {
+                // The error names no value: an attribute's text could be anything.
+                tracing::error!(
+                    event = "stream_record_unreadable",
+                    stream_record_id = %record.event_id,
+                    "a connection change in the table's stream could not be read; skipped"
+                );
+                continue;
             }
         };
-        let old = image(&record.dynamodb.old_image)?;
-        let new = image(&record.dynamodb.new_image)?;
         // Keep to what the record says happened (an INSERT has no old image worth reading).
         let (old, new) = match record.event_name.as_str() {
             "INSERT" => (None, new),
@@ -500,7 +512,7 @@ mod tests {
     }
 
     #[test]
-    fn other_items_are_no_events_and_a_broken_record_fails_the_batch() {
+    fn other_items_are_no_events_and_an_unreadable_record_is_skipped() {
         let other = json!({
             "eventID": "x", "eventName": "INSERT",
             "dynamodb": {"NewImage": {"pk": {"S": "REVOKE#1"}, "sk": {"S": "REVOKE"}}}
@@ -510,9 +522,13 @@ mod tests {
             "eventID": "y", "eventName": "INSERT",
             "dynamodb": {"NewImage": {"pk": {"S": "USER#a"}, "sk": {"S": "CONN#1"}}}
         });
-        assert!(matches!(
-            events_of(&batch(vec![broken])),
-            Err(EventsError::Malformed(_))
-        ));
+        let base = connection();
+        let events = events_of(&batch(vec![
+            broken,
+            record("z", "INSERT", None, Some(&base)),
+        ]))
+        .unwrap();
+        assert_eq!(events.len(), 1, "the readable change after it still counts");
+        assert_eq!(events[0].transition, Transition::Created);
     }
 }

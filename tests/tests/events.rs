@@ -133,6 +133,11 @@ impl Subscription {
     }
 }
 
+/// The refresh job refreshes every due connection, so a test that runs it while another test
+/// is between making a connection due and breaking it at the sandbox would refresh that one
+/// too early: the tests that run the job take turns.
+static REFRESH_RUNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn detail_of(event: &Value) -> &Value {
     assert_eq!(event["source"], "klaviyo-connect", "{event}");
     &event["detail"]
@@ -140,6 +145,7 @@ fn detail_of(event: &Value) -> &Value {
 
 #[tokio::test]
 async fn every_transition_of_a_connection_publishes_its_event() {
+    let _turn = REFRESH_RUNS.lock().await;
     let user = unique("user");
     let token = token_for(&user).await;
     let mut events = Subscription::for_user(&user).await;
@@ -214,6 +220,7 @@ async fn every_transition_of_a_connection_publishes_its_event() {
 /// the next successful refresh: Recovered.
 #[tokio::test]
 async fn a_connection_whose_token_expired_unrefreshed_is_degraded_until_it_recovers() {
+    let _turn = REFRESH_RUNS.lock().await;
     let user = unique("user");
     let token = token_for(&user).await;
     let mut events = Subscription::for_user(&user).await;

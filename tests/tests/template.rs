@@ -787,6 +787,9 @@ fn webhooks_are_delivered_by_eventbridge_with_a_secret_header_retries_and_a_dead
         ("https://app.example.com/hooks/klaviyo", true),
         ("http://app.example.com/hooks", false),
         ("https://app.example.com/a b", false),
+        ("https://app.example.com/hooks/{user}", false),
+        ("https://app.example.com/hooks/*", false),
+        ("https://app.example.com/#fragment", false),
     ] {
         assert_eq!(pattern.is_match(url), ok, "{url}");
     }
