@@ -337,35 +337,12 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::UserId;
     use crate::crypto::SealedBlob;
     use crate::store::image_of;
     use serde_json::json;
 
     fn connection() -> Connection {
-        let alice = UserId::parse("alice").unwrap();
-        let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        Connection {
-            id: Connection::id_for(&alice, "KLAV1"),
-            user_id: alice,
-            account_name: "Main store".into(),
-            klaviyo_account_id: "KLAV1".into(),
-            klaviyo_account_name: "Org".into(),
-            auth_type: AuthType::OAuth,
-            status: ConnectionStatus::Active,
-            scopes: vec!["accounts:read".into()],
-            connected_at: at,
-            updated_at: at,
-            last_refreshed_at: None,
-            access_token_expires_at: Some(at + time::Duration::hours(1)),
-            refresh_due_at: Some(at + time::Duration::minutes(45)),
-            refresh_failures: 0,
-            authorized_at: at,
-            status_reason: None,
-            degraded: false,
-            credentials: SealedBlob::from_bytes(b"sealed-secret-bytes".to_vec()),
-            version: 1,
-        }
+        crate::model::sample_connection(OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap())
     }
 
     fn record(

@@ -385,6 +385,33 @@ fn random_handle() -> Secret {
     Secret::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref()))
 }
 
+/// An active OAuth connection of user `alice` to Klaviyo account `KLAV1`, for unit tests.
+#[cfg(test)]
+pub(crate) fn sample_connection(at: OffsetDateTime) -> Connection {
+    let alice = UserId::parse("alice").expect("a user id");
+    Connection {
+        id: Connection::id_for(&alice, "KLAV1"),
+        user_id: alice,
+        account_name: "Main store".into(),
+        klaviyo_account_id: "KLAV1".into(),
+        klaviyo_account_name: "Org".into(),
+        auth_type: AuthType::OAuth,
+        status: ConnectionStatus::Active,
+        scopes: vec!["accounts:read".into()],
+        connected_at: at,
+        updated_at: at,
+        last_refreshed_at: None,
+        access_token_expires_at: Some(at + time::Duration::hours(1)),
+        refresh_due_at: Some(at + time::Duration::minutes(45)),
+        refresh_failures: 0,
+        authorized_at: at,
+        status_reason: None,
+        degraded: false,
+        credentials: SealedBlob::from_bytes(b"sealed-secret-bytes".to_vec()),
+        version: 1,
+    }
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -432,25 +459,8 @@ mod tests {
         let alice = UserId::parse("alice").unwrap();
         let now = OffsetDateTime::now_utc();
         let connection = Connection {
-            id: Connection::id_for(&alice, "KLAV1"),
-            user_id: alice,
-            account_name: DEFAULT_ACCOUNT_NAME.into(),
-            klaviyo_account_id: "KLAV1".into(),
-            klaviyo_account_name: "Org".into(),
-            auth_type: AuthType::OAuth,
-            status: ConnectionStatus::Active,
-            scopes: vec![],
-            connected_at: now,
-            updated_at: now,
-            last_refreshed_at: None,
-            access_token_expires_at: None,
-            refresh_due_at: None,
-            refresh_failures: 0,
-            authorized_at: now,
-            status_reason: None,
-            degraded: false,
-            credentials: SealedBlob::from_bytes(vec![1, 2, 3]),
-            version: 0,
+            user_id: alice.clone(),
+            ..sample_connection(now)
         };
         let (parked, handle) = ParkedConnection::new(connection.clone(), now);
         let (_, other) = ParkedConnection::new(connection, now);

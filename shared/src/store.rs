@@ -1374,29 +1374,11 @@ mod tests {
 
     #[test]
     fn a_parked_connection_is_stored_as_a_pending_revocation_and_read_back_whole() {
-        let alice = UserId::parse("alice").unwrap();
         let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let expires = now + time::Duration::hours(1);
         let connection = Connection {
-            id: Connection::id_for(&alice, "KLAV1"),
-            user_id: alice,
-            account_name: "Main store".into(),
-            klaviyo_account_id: "KLAV1".into(),
-            klaviyo_account_name: "Org".into(),
-            auth_type: AuthType::OAuth,
-            status: ConnectionStatus::Active,
-            scopes: vec!["accounts:read".into()],
-            connected_at: now,
-            updated_at: now,
-            last_refreshed_at: None,
-            access_token_expires_at: Some(expires),
-            refresh_due_at: Some(expires - crate::model::REFRESH_LEAD),
-            refresh_failures: 0,
-            authorized_at: now,
-            status_reason: None,
-            degraded: false,
             credentials: SealedBlob::from_bytes(vec![2, 0, 1, 7, 7]),
             version: 0,
+            ..crate::model::sample_connection(now)
         };
         let (parked, _handle) = ParkedConnection::new(connection, now);
         let item = to_item(ParkedRecord::from(&parked)).unwrap();
