@@ -62,14 +62,13 @@ fn http_request() -> Budget {
     Budget::new().step("Secrets Manager (when start-up could not)", AWS)
 }
 
+/// One attempt of `Revoker::replace`.
+const REPLACE_ATTEMPT: &str = "read + transaction + re-read after a conflict, per attempt";
+
 /// Reading and replacing a connection, queueing the replaced token (`Revoker::replace`).
 fn replace(budget: Budget) -> Budget {
     budget
-        .repeat(
-            REPLACE_ATTEMPTS,
-            "read + transaction + re-read after a conflict, per attempt",
-            AWS * 3,
-        )
+        .repeat(REPLACE_ATTEMPTS, REPLACE_ATTEMPT, AWS * 3)
         .step("inline revocation of the replaced token", INLINE_BUDGET)
 }
 
@@ -122,11 +121,14 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
                     .step("rate-limit counter", AWS)
                     .step("Klaviyo accounts ∥ KMS GenerateDataKey", KLAVIYO.max(AWS)),
             );
-            let complete = replace(http_request().step("rate-limit counter", AWS).step(
-                "claim the parked result (a read if the answer was lost)",
-                AWS * 2,
-            ))
-            .step("give the claim back after a failed write", AWS);
+            let complete = http_request()
+                .step("rate-limit counter", AWS)
+                .step("claim the parked result (a read if the answer was lost)", AWS * 2)
+                .repeat(REPLACE_ATTEMPTS, REPLACE_ATTEMPT, AWS * 3)
+                .step(
+                    "the replaced token revoked inline, or after a failed write: a read (did it land?) and the claim given back",
+                    INLINE_BUDGET.max(AWS * 2),
+                );
             if complete.total() > api_key.total() {
                 complete
             } else {

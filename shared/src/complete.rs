@@ -135,53 +135,38 @@ impl Completer {
             authorized_at: now,
             ..parked.connection.clone()
         };
-        match self
+        let stored = match self
             .revoker
             .replace_claiming(&connection, Some(&claim))
             .await
         {
-            Ok(stored) => {
-                log_connected(&stored);
-                Ok(json(
-                    StatusCode::OK,
-                    &Completed {
-                        success: true,
-                        account: AccountView::from(&stored),
-                    },
-                ))
-            }
+            Ok(stored) => stored,
             // The window closed while the connection was being written.
             Err(StoreError::NotFound) => {
-                Err(self.reject(&user, Rejection::Expired, Some(&parked)).await)
+                return Err(self.reject(&user, Rejection::Expired, Some(&parked)).await);
             }
-            Err(e) => {
-                // The write may have landed with its answer lost: then it is this connection,
-                // and a retry would find the handle used.
-                if let Ok(true) = self
-                    .store
-                    .stores_credentials(&user, &connection.id, &connection.credentials)
-                    .await
-                {
-                    let stored = self.store.get_connection(&user, &connection.id).await;
-                    if let Ok(stored) = stored {
-                        log_connected(&stored);
-                        return Ok(json(
-                            StatusCode::OK,
-                            &Completed {
-                                success: true,
-                                account: AccountView::from(&stored),
-                            },
-                        ));
+            Err(e) => match self.store.get_connection(&user, &connection.id).await {
+                // The write landed with its answer lost: this is the connection now, and a
+                // retry would find the handle used.
+                Ok(stored) if stored.credentials == connection.credentials => stored,
+                _ => {
+                    // Given back so the page can try again; if this fails too, the parked
+                    // result is revoked once its window has passed.
+                    if let Err(release) = self.store.release_claim(&claim).await {
+                        tracing::warn!(error = %release, "could not release a completion claim");
                     }
+                    return Err(unavailable("dynamodb", &e));
                 }
-                // Given back so the page can try again; if this fails too, the parked result
-                // is revoked once its window has passed.
-                if let Err(release) = self.store.release_claim(&claim).await {
-                    tracing::warn!(error = %release, "could not release a completion claim");
-                }
-                Err(unavailable("dynamodb", &e))
-            }
-        }
+            },
+        };
+        log_connected(&stored);
+        Ok(json(
+            StatusCode::OK,
+            &Completed {
+                success: true,
+                account: AccountView::from(&stored),
+            },
+        ))
     }
 
     /// Revokes the parked result under the request's handle, if there is one nobody holds.
