@@ -8,6 +8,7 @@
 //! - `GET    /sandbox/tokens?account=X`       tokens issued for an account, with status
 //! - `PUT    /sandbox/accounts/{id}`          `{"organization_name", "access_token_ttl_secs"}`
 //! - `POST   /sandbox/api-keys`               `{"key", "account", "organization_name"?}`
+//! - `POST   /sandbox/api-keys/revoke`        `{"key"}`: the user deleted the key in Klaviyo
 //! - `POST   /sandbox/accounts/{id}/revoke-all`   the user removed the app: every token dies
 //! - `POST   /sandbox/accounts/{id}/expire-access-tokens`
 //! - `POST   /sandbox/accounts/{id}/tokens`    `{"count": N}`: mint N token pairs (seeding
@@ -36,6 +37,7 @@ pub fn routes() -> Router<Arc<Sandbox>> {
         .route("/sandbox/tokens", get(tokens))
         .route("/sandbox/accounts/{id}", put(put_account))
         .route("/sandbox/api-keys", post(add_api_key))
+        .route("/sandbox/api-keys/revoke", post(revoke_api_key))
         .route("/sandbox/accounts/{id}/revoke-all", post(revoke_all))
         .route(
             "/sandbox/accounts/{id}/expire-access-tokens",
@@ -126,6 +128,19 @@ async fn add_api_key(State(sandbox): App, Json(new): Json<NewApiKey>) -> Respons
     state.ensure_account(&new.account, new.organization_name.as_deref());
     state.api_keys.insert(new.key, new.account);
     StatusCode::CREATED.into_response()
+}
+
+#[derive(Deserialize)]
+struct KeyToRevoke {
+    key: String,
+}
+
+/// 204 when the key existed (and no longer works), 404 when it did not.
+async fn revoke_api_key(State(sandbox): App, Json(revoke): Json<KeyToRevoke>) -> Response {
+    match sandbox.state().api_keys.remove(&revoke.key) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn revoke_all(State(sandbox): App, Path(id): Path<String>) -> Response {

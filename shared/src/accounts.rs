@@ -31,6 +31,10 @@ pub struct AccountView {
     pub last_refreshed_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub access_token_expires_at: Option<OffsetDateTime>,
+    /// When Klaviyo last accepted the credential (connect, "Test connection", the daily check
+    /// of an API key); `null` before the first check.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_verified_at: Option<OffsetDateTime>,
     /// Only for `needs_reauth`: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<StatusReason>,
@@ -50,6 +54,7 @@ impl From<&Connection> for AccountView {
             scopes: c.scopes.clone(),
             last_refreshed_at: c.last_refreshed_at,
             access_token_expires_at: c.access_token_expires_at,
+            last_verified_at: c.last_verified_at,
             status_reason: match c.status {
                 ConnectionStatus::Active => None,
                 // Marked before reasons were recorded: only a refused refresh did that.

@@ -113,8 +113,8 @@ pub fn revocation_item() -> Budget {
 /// (the refresh job plans its work by its deadline). `None` for an unknown function.
 pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
     Some(match binary {
-        // The slowest of its routes: an API key or a completion (the OAuth start is two AWS
-        // calls; a refused completion is a claim and an inline revocation).
+        // The slowest of its routes: an API key, a completion or a test (the OAuth start is two
+        // AWS calls; a refused completion is a claim and an inline revocation).
         "connect" => {
             let api_key = replace(
                 http_request()
@@ -129,11 +129,11 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
                     "the replaced token revoked inline, or after a failed write: a read (did it land?) and the claim given back",
                     INLINE_BUDGET.max(AWS * 2),
                 );
-            if complete.total() > api_key.total() {
-                complete
-            } else {
-                api_key
-            }
+            let verify = worst_case("verify", timeout)?;
+            [api_key, complete, verify]
+                .into_iter()
+                .max_by_key(Budget::total)
+                .expect("three routes")
         }
         "callback" => {
             let budget = http_request()
@@ -149,6 +149,26 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
             replace(budget).step("re-read after a failed write", AWS)
         }
         "accounts" => http_request().step("Query the user's connections", AWS),
+        // "Test connection" (a route of the connect function, `crate::verify`).
+        "verify" => {
+            let lease = (
+                "take the lease, waiting while another worker holds it",
+                crate::verify::LEASE_WAIT + AWS * 2,
+            );
+            http_request()
+                .step("rate-limit counter", AWS)
+                .step(lease.0, lease.1)
+                .step("KMS Decrypt", AWS)
+                .step("Klaviyo accounts", KLAVIYO)
+                .step(
+                    "the token refreshed under the lease",
+                    refresh_item().total(),
+                )
+                .step("Klaviyo accounts with the new token", KLAVIYO)
+                .step(lease.0, lease.1)
+                .step("record the result", AWS)
+                .step("read the connection as stored", AWS)
+        }
         "disconnect" => http_request()
             .repeat(
                 crate::disconnect::ATTEMPTS,

@@ -280,6 +280,8 @@ impl Callback {
             authorized_at: now,
             status_reason: None,
             degraded: false,
+            // The account was just read with these tokens.
+            last_verified_at: Some(now),
             credentials: sealed,
             version: 0,
         };

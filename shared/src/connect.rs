@@ -12,13 +12,14 @@ use crate::crypto::{Purpose, Sealer};
 use crate::http::{ApiError, json, json_body, query_param, require_method, unavailable};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
 use crate::model::{
-    AuthType, Connection, ConnectionStatus, Credentials, PENDING_AUTHORIZATION_TTL,
-    PendingAuthorization, parse_account_name,
+    AuthType, Connection, ConnectionStatus, Credentials, KEY_CHECK_MIN_GAP,
+    PENDING_AUTHORIZATION_TTL, PendingAuthorization, key_check_due, parse_account_name,
 };
 use crate::rate_limit::{Admission, RateLimit, RateWindow, Scope};
 use crate::revocation::Revoker;
 use crate::secret::Secret;
 use crate::store::Store;
+use crate::verify::Verifier;
 use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,7 @@ pub struct Connect {
     revoker: Revoker,
     rate: RateLimit,
     completer: Completer,
+    verifier: Verifier,
 }
 
 #[derive(Deserialize)]
@@ -66,6 +68,12 @@ impl Endpoint for Connect {
             store: env.store(),
             sealer: env.sealer(),
             completer: Completer::new(env.store(), revoker.clone(), env.config.connect_rate),
+            verifier: Verifier::new(
+                env.store(),
+                env.sealer(),
+                klaviyo.clone(),
+                env.config.connect_rate,
+            ),
             revoker,
             klaviyo,
             rate: env.config.connect_rate,
@@ -74,6 +82,11 @@ impl Endpoint for Connect {
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().trim_end_matches('/');
+        if path.ends_with("/verify") {
+            require_method(req, Method::POST, "POST, OPTIONS")?;
+            let user = self.auth.authenticate(req)?;
+            return self.verifier.respond(user, req).await;
+        }
         if path.ends_with("/api-key") {
             require_method(req, Method::POST, "POST, OPTIONS")?;
             let user = self.auth.authenticate(req)?;
@@ -159,6 +172,8 @@ impl Connect {
             .map_err(|e| unavailable("sealing", &e))?;
         let now = OffsetDateTime::now_utc();
         let connection = Connection {
+            // The refresh job checks the key again once a day, at the connection's own time.
+            refresh_due_at: Some(key_check_due(&id, now + KEY_CHECK_MIN_GAP)),
             id,
             user_id: user,
             account_name,
@@ -172,11 +187,11 @@ impl Connect {
             updated_at: now,
             last_refreshed_at: None,
             access_token_expires_at: None,
-            refresh_due_at: None,
             refresh_failures: 0,
             authorized_at: now,
             status_reason: None,
             degraded: false,
+            last_verified_at: Some(now),
             credentials: sealed,
             version: 0,
         };

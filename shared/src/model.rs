@@ -26,6 +26,12 @@ pub const REFRESH_TOKEN_IDLE_LIFETIME: time::Duration = time::Duration::days(90)
 
 /// The refresh job renews an access token this long before it expires.
 pub const REFRESH_LEAD: time::Duration = time::Duration::minutes(15);
+/// API-key connections are checked against Klaviyo once a day, each at its own time of day.
+pub const KEY_CHECK_INTERVAL: time::Duration = time::Duration::days(1);
+/// The next scheduled check is the connection's time of day at least this long after the
+/// last one: runs every few minutes start each check a little after its time, so the next
+/// day's time is still ahead, and no key is checked twice within this span.
+pub const KEY_CHECK_MIN_GAP: time::Duration = time::Duration::hours(23);
 /// Default and limits of the user's label for a connection.
 pub const DEFAULT_ACCOUNT_NAME: &str = "Klaviyo";
 pub const MAX_ACCOUNT_NAME_CHARS: usize = 100;
@@ -95,8 +101,8 @@ pub struct Connection {
     pub updated_at: OffsetDateTime,
     pub last_refreshed_at: Option<OffsetDateTime>,
     pub access_token_expires_at: Option<OffsetDateTime>,
-    /// When the refresh job should next look at it; `None` when it never should (API keys,
-    /// connections needing re-authorisation).
+    /// When the refresh job should next look at it (refresh an OAuth token, check an API key);
+    /// `None` when it never should (connections needing re-authorisation).
     pub refresh_due_at: Option<OffsetDateTime>,
     /// Transient refresh failures in a row; drives the retry backoff.
     pub refresh_failures: u32,
@@ -108,6 +114,9 @@ pub struct Connection {
     /// Refreshes keep failing for transient reasons and the access token has expired: calls
     /// with this connection fail until a refresh succeeds.
     pub degraded: bool,
+    /// When Klaviyo's accounts endpoint last accepted the credential (connect, "Test
+    /// connection", the daily check of an API key).
+    pub last_verified_at: Option<OffsetDateTime>,
     /// Tokens or API key, sealed to (user id, connection id, purpose).
     pub credentials: SealedBlob,
     /// Incremented by every write; conditional writes compare it.
@@ -119,6 +128,23 @@ impl Connection {
         let name = format!("{}\n{}", user_id.as_str(), klaviyo_account_id);
         Uuid::new_v5(&CONNECTION_NAMESPACE, name.as_bytes()).to_string()
     }
+}
+
+/// When an API-key connection is next checked: the first time at or after `not_before` that
+/// falls on the connection's own time of day (a hash of its id), so a million keys connected
+/// in the same minute are still checked evenly over the day, each once a day.
+pub fn key_check_due(connection_id: &str, not_before: OffsetDateTime) -> OffsetDateTime {
+    let day = KEY_CHECK_INTERVAL.whole_seconds();
+    let digest = Sha256::digest(connection_id.as_bytes());
+    let hash = u64::from_be_bytes(digest[..8].try_into().expect("eight bytes"));
+    let slot = (hash % day as u64) as i64;
+    let start = not_before.unix_timestamp();
+    let day_start = start.div_euclid(day) * day;
+    let mut due = day_start + slot;
+    if due < start {
+        due += day;
+    }
+    OffsetDateTime::from_unix_timestamp(due).unwrap_or(not_before)
 }
 
 /// The user's label for a connection: absent means the default; otherwise trimmed, 1–100
@@ -407,6 +433,7 @@ pub(crate) fn sample_connection(at: OffsetDateTime) -> Connection {
         authorized_at: at,
         status_reason: None,
         degraded: false,
+        last_verified_at: None,
         credentials: SealedBlob::from_bytes(b"sealed-secret-bytes".to_vec()),
         version: 1,
     }
@@ -419,6 +446,26 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_checks_fall_on_each_connections_time_of_day() {
+        let at = |secs| OffsetDateTime::from_unix_timestamp(secs).unwrap();
+        let start = at(1_800_000_000);
+        let first = key_check_due("c1", start);
+        assert!(first >= start && first < start + KEY_CHECK_INTERVAL);
+        // Checked a few minutes late, the next check is the same time the next day.
+        let next = key_check_due("c1", first + time::Duration::minutes(4) + KEY_CHECK_MIN_GAP);
+        assert_eq!(next - first, KEY_CHECK_INTERVAL);
+        // On time exactly counts as due.
+        assert_eq!(key_check_due("c1", first), first);
+        // Ten thousand keys connected in the same second spread over the whole day.
+        let mut hours = [0u32; 24];
+        for i in 0..10_000 {
+            let due = key_check_due(&format!("connection-{i}"), start);
+            hours[((due - start).whole_hours()) as usize] += 1;
+        }
+        assert!(hours.iter().all(|&n| (300..=540).contains(&n)), "{hours:?}");
+    }
 
     #[test]
     fn connection_ids_are_stable_per_user_and_account() {

@@ -1,5 +1,5 @@
-//! Per-user rate limiting on the connect routes (OAuth start and API key together, and
-//! completions on a counter of their own): a fixed-window counter per user and scope, kept in
+//! Per-user rate limiting on the connect routes (OAuth start and API key together;
+//! completions and "Test connection" on counters of their own): a fixed-window counter per user and scope, kept in
 //! DynamoDB so every container sees the same count,
 //! with the table's TTL removing old windows. API Gateway throttling protects the service
 //! as a whole; this stops one user (or one stolen token) from filling the table with pending
@@ -52,6 +52,8 @@ pub enum Scope {
     Connect,
     /// OAuth completions.
     Complete,
+    /// "Test connection".
+    Verify,
 }
 
 impl Scope {
@@ -59,6 +61,7 @@ impl Scope {
         match self {
             Self::Connect => "CONNECT",
             Self::Complete => "COMPLETE",
+            Self::Verify => "VERIFY",
         }
     }
 }

@@ -22,10 +22,10 @@
 use crate::auth::UserId;
 use crate::context::{Environment, InitError};
 use crate::crypto::{CryptoError, DataKey, Sealer};
-use crate::klaviyo::{Klaviyo, KlaviyoError, TokenSet};
+use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoAccount, KlaviyoError, TokenSet};
 use crate::model::{
-    AuthType, Connection, ConnectionStatus, Credentials, PendingRevocation, REFRESH_LEAD,
-    StatusReason,
+    AuthType, Connection, ConnectionStatus, Credentials, KEY_CHECK_MIN_GAP, PendingRevocation,
+    REFRESH_LEAD, StatusReason, key_check_due,
 };
 use crate::revocation::Revoker;
 use crate::secret::Secret;
@@ -67,6 +67,8 @@ const MIN_REFRESH_INTERVAL: time::Duration = time::Duration::seconds(60);
 pub struct RunSummary {
     pub selected: u64,
     pub refreshed: u64,
+    /// API keys checked and still accepted (the daily check).
+    pub keys_checked: u64,
     pub needs_reauth: u64,
     pub failed: u64,
     /// Results that could not be stored; any makes the run count as failed.
@@ -108,6 +110,8 @@ pub struct RunFailed(pub RunSummary);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Refreshed,
+    /// Klaviyo accepted the credential (an API key's check, "Test connection").
+    Verified,
     NeedsReauth,
     /// Transient trouble: tokens kept, retried later.
     Failed,
@@ -141,7 +145,7 @@ impl Refresher {
         }
     }
 
-    /// Takes the lease of a due connection and refreshes it.
+    /// Takes the lease of a due connection and refreshes it (OAuth) or checks it (API key).
     pub async fn refresh_due(&self, key: &ConnectionKey, owner: &str) -> Outcome {
         let now = OffsetDateTime::now_utc();
         let connection = match self
@@ -163,7 +167,101 @@ impl Refresher {
             let _ = self.store.release_refresh_lease(key, owner).await;
             return Outcome::Skipped;
         }
-        self.refresh_leased(connection, now, owner).await.0
+        match connection.auth_type {
+            AuthType::OAuth => self.refresh_leased(connection, now, owner).await.0,
+            AuthType::ApiKey => self.check_key_leased(connection, now, owner).await,
+        }
+    }
+
+    /// The daily check of an API key whose lease `owner` holds: Klaviyo's accounts endpoint
+    /// with the key. Accepted: checked again tomorrow at the connection's time of day;
+    /// refused: `needs_reauth` (`api_key_refused`); Klaviyo unavailable: retried with backoff.
+    async fn check_key_leased(
+        &self,
+        connection: Connection,
+        now: OffsetDateTime,
+        owner: &str,
+    ) -> Outcome {
+        let key = match Credentials::open(&self.sealer, &connection).await {
+            Ok(Credentials::ApiKey(key)) => key,
+            Ok(Credentials::OAuth { .. }) => {
+                return self
+                    .needs_reauth(
+                        &connection,
+                        StatusReason::ApiKeyRefused,
+                        "not an API key",
+                        owner,
+                    )
+                    .await;
+            }
+            Err(CryptoError::Unavailable(e)) => {
+                return self.back_off(&connection, now, None, &e, owner).await;
+            }
+            Err(e @ CryptoError::Refused(_)) => return refused(&connection.id, &e),
+            Err(e) => {
+                return self
+                    .needs_reauth(
+                        &connection,
+                        StatusReason::ApiKeyRefused,
+                        &e.to_string(),
+                        owner,
+                    )
+                    .await;
+            }
+        };
+        match self.klaviyo.account(ApiCredential::ApiKey(&key)).await {
+            Ok(account) => {
+                self.record_verified(&connection, &account, now, owner)
+                    .await
+            }
+            Err(KlaviyoError::Rejected { code }) => {
+                self.needs_reauth(&connection, StatusReason::ApiKeyRefused, &code, owner)
+                    .await
+            }
+            Err(e) => {
+                let retry_after = match &e {
+                    KlaviyoError::RateLimited { retry_after } => *retry_after,
+                    _ => None,
+                };
+                self.back_off(&connection, now, retry_after, &e.to_string(), owner)
+                    .await
+            }
+        }
+    }
+
+    /// Klaviyo accepted the connection's credential at `now` (its accounts endpoint answered
+    /// `account`): records when, and the organization's current name. An API key's next check
+    /// is tomorrow at its time of day. Written under `owner`'s lease, which the write releases.
+    pub(crate) async fn record_verified(
+        &self,
+        connection: &Connection,
+        account: &KlaviyoAccount,
+        now: OffsetDateTime,
+        owner: &str,
+    ) -> Outcome {
+        let mut updated = connection.clone();
+        updated.last_verified_at = Some(now);
+        updated.updated_at = now;
+        if account.id == connection.klaviyo_account_id {
+            updated.klaviyo_account_name = account.organization_name.clone();
+        } else {
+            tracing::warn!(event = "klaviyo_account_mismatch", connection_id = %connection.id, "Klaviyo answered for another account than the one connected");
+        }
+        if connection.auth_type == AuthType::ApiKey {
+            updated.refresh_due_at = Some(key_check_due(&connection.id, now + KEY_CHECK_MIN_GAP));
+            updated.refresh_failures = 0;
+        }
+        match self.write(&updated, connection.version, owner).await {
+            Ok(()) => {
+                tracing::info!(event = "connection_verified", connection_id = %connection.id, "Klaviyo accepted the credential");
+                Outcome::Verified
+            }
+            Err(StoreError::Conflict) | Err(StoreError::NotFound) => Outcome::Skipped,
+            Err(e) => {
+                tracing::error!(event = "refresh_write_failed", connection_id = %connection.id, error = %e, "could not record a verification");
+                Outcome::WriteFailed
+            }
+        }
     }
 
     /// Refreshes a connection whose lease `owner` holds. Every path writes the connection
@@ -187,15 +285,26 @@ impl Refresher {
             Err(e @ CryptoError::Refused(_)) => return (refused(&connection.id, &e), None),
             Err(e) => {
                 return (
-                    self.needs_reauth(&connection, &e.to_string(), owner).await,
+                    self.needs_reauth(
+                        &connection,
+                        StatusReason::RefreshRefused,
+                        &e.to_string(),
+                        owner,
+                    )
+                    .await,
                     None,
                 );
             }
         };
         let Some(refresh_token) = credentials.refresh_token() else {
             return (
-                self.needs_reauth(&connection, "no refresh token", owner)
-                    .await,
+                self.needs_reauth(
+                    &connection,
+                    StatusReason::RefreshRefused,
+                    "no refresh token",
+                    owner,
+                )
+                .await,
                 None,
             );
         };
@@ -253,7 +362,13 @@ impl Refresher {
                 Ok(sealed) => sealed,
                 Err(e) => {
                     return (
-                        self.needs_reauth(connection, &e.to_string(), owner).await,
+                        self.needs_reauth(
+                            connection,
+                            StatusReason::RefreshRefused,
+                            &e.to_string(),
+                            owner,
+                        )
+                        .await,
                         None,
                     );
                 }
@@ -383,7 +498,15 @@ impl Refresher {
     async fn invalid_grant(&self, used: &Connection, owner: &str) -> Outcome {
         match self.store.get_connection(&used.user_id, &used.id).await {
             Ok(current) if current.version != used.version => Outcome::Skipped,
-            Ok(current) => self.needs_reauth(&current, "invalid_grant", owner).await,
+            Ok(current) => {
+                self.needs_reauth(
+                    &current,
+                    StatusReason::RefreshRefused,
+                    "invalid_grant",
+                    owner,
+                )
+                .await
+            }
             Err(StoreError::NotFound) => Outcome::Skipped,
             Err(e) => {
                 tracing::warn!(error = %e, "could not re-read a connection after invalid_grant");
@@ -393,17 +516,26 @@ impl Refresher {
     }
 
     /// Off the refresh schedule until the user reconnects; Klaviyo is not called again.
-    async fn needs_reauth(&self, connection: &Connection, reason: &str, owner: &str) -> Outcome {
+    pub(crate) async fn needs_reauth(
+        &self,
+        connection: &Connection,
+        why: StatusReason,
+        reason: &str,
+        owner: &str,
+    ) -> Outcome {
         let mut updated = connection.clone();
         updated.status = ConnectionStatus::NeedsReauth;
-        updated.status_reason = Some(StatusReason::RefreshRefused);
+        updated.status_reason = Some(why);
         updated.degraded = false;
         updated.refresh_due_at = None;
         updated.updated_at = OffsetDateTime::now_utc();
         match self.write(&updated, connection.version, owner).await {
             Ok(()) => {
                 tracing::warn!(
-                    event = "refresh_invalid_grant",
+                    event = match why {
+                        StatusReason::RefreshRefused => "refresh_invalid_grant",
+                        StatusReason::ApiKeyRefused => "api_key_refused",
+                    },
                     user_id = %connection.user_id,
                     connection_id = %connection.id,
                     klaviyo_account_id = %connection.klaviyo_account_id,
@@ -590,6 +722,7 @@ impl Refresh {
                     s.selected += 1;
                     match outcome {
                         Outcome::Refreshed => s.refreshed += 1,
+                        Outcome::Verified => s.keys_checked += 1,
                         Outcome::NeedsReauth => s.needs_reauth += 1,
                         Outcome::Failed => s.failed += 1,
                         Outcome::WriteFailed => s.write_failures += 1,
@@ -634,6 +767,7 @@ impl Refresh {
             event = "refresh_summary",
             selected = summary.selected,
             refreshed = summary.refreshed,
+            keys_checked = summary.keys_checked,
             needs_reauth = summary.needs_reauth,
             failed = summary.failed,
             write_failures = summary.write_failures,

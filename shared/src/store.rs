@@ -8,7 +8,8 @@
 //! | parked connection     | `REVOKE#<sha256 handle>` | `REVOKE`     |
 //! | rate-limit counter    | `RATE#<user id>`      | `<scope>#<window start>` |
 //!
-//! Connections due for refresh and pending revocations also carry `due_bucket`/`due_at`,
+//! Connections due for refresh (OAuth) or for their daily check (API keys) and pending
+//! revocations also carry `due_bucket`/`due_at`,
 //! the keys of the sparse `due-index` GSI the refresh job queries (never a Scan). Items that expire carry
 //! `expires_at` (epoch seconds), the table's TTL attribute; TTL deletes only eventually, so
 //! every read checks expiry itself. A parked connection (an OAuth result waiting for its
@@ -675,9 +676,9 @@ impl Store {
         })
     }
 
-    /// Takes the refresh lease of an active OAuth connection: a conditional write that
-    /// succeeds only if no unexpired lease is held, so two workers never refresh one
-    /// connection at once. Returns the connection as stored now (the re-read).
+    /// Takes the refresh lease of an active connection (an OAuth refresh, or the check of an
+    /// API key): a conditional write that succeeds only if no unexpired lease is held, so two
+    /// workers never refresh or check one connection at once. Returns the connection as stored now (the re-read).
     /// `Conflict` when leased by another worker or no longer eligible.
     pub async fn take_refresh_lease(
         &self,
@@ -696,7 +697,7 @@ impl Store {
             )))
             .update_expression("SET lease_owner = :owner, lease_until = :until")
             .condition_expression(
-                "attribute_exists(pk) AND #status = :active AND auth_type = :oauth \
+                "attribute_exists(pk) AND #status = :active \
                  AND (attribute_not_exists(lease_until) OR lease_until < :now)",
             )
             .expression_attribute_names("#status", "status")
@@ -704,7 +705,6 @@ impl Store {
             .expression_attribute_values(":until", number(until.unix_timestamp()))
             .expression_attribute_values(":now", number(now.unix_timestamp()))
             .expression_attribute_values(":active", AttributeValue::S("active".into()))
-            .expression_attribute_values(":oauth", AttributeValue::S("oauth".into()))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
@@ -1089,6 +1089,12 @@ struct ConnectionRecord {
     status_reason: Option<StatusReason>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     degraded: bool,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    last_verified_at: Option<OffsetDateTime>,
     #[serde(with = "serde_bytes")]
     credentials: Vec<u8>,
     version: u64,
@@ -1096,8 +1102,9 @@ struct ConnectionRecord {
 
 /// Attributes a connection may lack; a write that leaves them unset removes them. The
 /// lease is never part of a record, so every full write also releases it.
-const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 8] = [
+const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 9] = [
     "last_refreshed_at",
+    "last_verified_at",
     "access_token_expires_at",
     "status_reason",
     "degraded",
@@ -1130,6 +1137,7 @@ impl From<&Connection> for ConnectionRecord {
             authorized_at: Some(c.authorized_at),
             status_reason: c.status_reason,
             degraded: c.degraded,
+            last_verified_at: c.last_verified_at,
             credentials: c.credentials.as_bytes().to_vec(),
             version: c.version,
         }
@@ -1251,6 +1259,8 @@ impl TryFrom<ParkedRecord> for ParkedConnection {
             authorized_at: revocation.created_at,
             status_reason: None,
             degraded: false,
+            // The callback read the account with these tokens.
+            last_verified_at: Some(revocation.created_at),
             credentials: revocation.credentials,
             version: 0,
         };
@@ -1308,6 +1318,7 @@ fn record_to_connection(r: ConnectionRecord) -> Result<Connection, StoreError> {
         authorized_at: r.authorized_at.unwrap_or(r.connected_at),
         status_reason: r.status_reason,
         degraded: r.degraded,
+        last_verified_at: r.last_verified_at,
         credentials: SealedBlob::from_bytes(r.credentials),
         version: r.version,
     })
@@ -1378,6 +1389,7 @@ mod tests {
         let connection = Connection {
             credentials: SealedBlob::from_bytes(vec![2, 0, 1, 7, 7]),
             version: 0,
+            last_verified_at: Some(now),
             ..crate::model::sample_connection(now)
         };
         let (parked, _handle) = ParkedConnection::new(connection, now);

@@ -101,6 +101,7 @@ async fn seed(n: usize) {
                     authorized_at: now,
                     status_reason: None,
                     degraded: false,
+                    last_verified_at: None,
                     credentials: sealed,
                     version: 0,
                 };

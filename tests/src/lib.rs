@@ -128,6 +128,13 @@ async fn attempts(user: &str, scope: &str) -> u64 {
         .sum()
 }
 
+/// An RFC 3339 time of an API answer (panics on anything else).
+pub fn time_of(value: &Value) -> time::OffsetDateTime {
+    let text = value.as_str().unwrap_or_else(|| panic!("a time: {value}"));
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("a time: {text}: {e}"))
+}
+
 /// A name no other test (or earlier run against the same stack) uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -335,6 +342,55 @@ pub async fn register_api_key(account: &str) -> String {
         .expect("sandbox reachable");
     assert_eq!(response.status(), 201);
     key
+}
+
+/// Plays the user who deletes a private API key in Klaviyo: the sandbox refuses it from now on.
+pub async fn revoke_api_key(key: &str) {
+    let response = http()
+        .post(format!("{}/sandbox/api-keys/revoke", sandbox_url()))
+        .json(&serde_json::json!({"key": key}))
+        .send()
+        .await
+        .expect("sandbox reachable");
+    assert_eq!(response.status(), 204);
+}
+
+/// Plays the user who removes the app in Klaviyo: every token of `account` dies.
+pub async fn remove_app(account: &str) {
+    let response = http()
+        .post(format!(
+            "{}/sandbox/accounts/{account}/revoke-all",
+            sandbox_url()
+        ))
+        .send()
+        .await
+        .expect("sandbox reachable");
+    assert_eq!(response.status(), 204);
+}
+
+/// `POST /api/oauth/accounts/{id}/verify` ("Test connection") as `token`.
+pub async fn verify(token: &str, id: &str) -> (reqwest::StatusCode, Value) {
+    let request = http()
+        .post(format!("{}/api/oauth/accounts/{id}/verify", api_url()))
+        .bearer_auth(token);
+    answer(request, "verify").await
+}
+
+/// Makes a connection due for the refresh job now (its refresh or its key check).
+pub async fn due_now(user: &str, id: &str) {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    aws_sdk_dynamodb::Client::new(&sdk)
+        .update_item()
+        .table_name(setting("TABLE_NAME"))
+        .key("pk", AttributeValue::S(format!("USER#{user}")))
+        .key("sk", AttributeValue::S(format!("CONN#{id}")))
+        .update_expression("SET due_at = :now")
+        .condition_expression("attribute_exists(due_at)")
+        .expression_attribute_values(":now", AttributeValue::N((now() - 1).to_string()))
+        .send()
+        .await
+        .expect("bring the refresh forward");
 }
 
 /// `POST /api/oauth/connect/klaviyo/api-key` as `token` with a JSON body.

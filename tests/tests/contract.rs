@@ -163,6 +163,7 @@ fn every_served_route_is_in_the_contract_and_nothing_else() {
         ("GET", "/klaviyo/oauthcallback"),
         ("GET", "/api/oauth/accounts"),
         ("DELETE", "/api/oauth/accounts/{accountId}"),
+        ("POST", "/api/oauth/accounts/{accountId}/verify"),
     ]
     .into_iter()
     .map(|(m, p)| (m.to_owned(), p.to_owned()))
@@ -251,6 +252,19 @@ async fn the_whole_journey_matches_the_contract() {
     let accounts = list["accounts"].as_array().unwrap();
     assert_eq!(accounts.len(), 2);
 
+    // Test both connections ("Test connection").
+    let verify_path = "/api/oauth/accounts/{accountId}/verify";
+    for account in accounts {
+        let url = format!(
+            "{base}/api/oauth/accounts/{}/verify",
+            account["id"].as_str().unwrap()
+        );
+        let response = http().post(&url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let tested = conforms(Method::POST, verify_path, response).await;
+        assert_eq!(tested["account"]["status"], "active");
+    }
+
     // Disconnect both; a second delete is the documented 404.
     let delete_path = "/api/oauth/accounts/{accountId}";
     for account in accounts {
@@ -294,6 +308,22 @@ async fn every_documented_error_matches_the_contract() {
             http()
                 .delete(format!("{base}/api/oauth/accounts/x"))
                 .bearer_auth("not.a.jwt"),
+        ),
+        (
+            Method::POST,
+            "/api/oauth/accounts/{accountId}/verify",
+            http().post(format!("{base}/api/oauth/accounts/x/verify")),
+        ),
+        // 404 for an id that is not the caller's.
+        (
+            Method::POST,
+            "/api/oauth/accounts/{accountId}/verify",
+            http()
+                .post(format!(
+                    "{base}/api/oauth/accounts/{}/verify",
+                    uuid::Uuid::new_v4()
+                ))
+                .bearer_auth(&token),
         ),
         // 400, 413, 415.
         (

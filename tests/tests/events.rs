@@ -4,11 +4,10 @@
 //! SQS queue each test subscribes for its own user. Also: at least once when the function
 //! fails (the same event id on redelivery), and nothing secret in any event.
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use e2e::fault_proxy::{Failure, Matcher, Stage};
 use e2e::lambda::Outcome;
 use e2e::{
-    accounts_of, connect_api_key, connect_due, connect_klaviyo, disconnect, inject_fault,
+    accounts_of, connect_api_key, connect_due, connect_klaviyo, disconnect, due_now, inject_fault,
     invoke_refresh, issued_tokens, klaviyo_account, raw_item, register_api_key, set_token_lifetime,
     setting, token_for, unique,
 };
@@ -257,22 +256,6 @@ async fn a_connection_whose_token_expired_unrefreshed_is_degraded_until_it_recov
     invoke_refresh().await;
     let recovered = events.next("Connection Recovered", &mut taken).await;
     assert_eq!(detail_of(&recovered)["connectionId"], id.as_str());
-}
-
-/// Brings a connection's next refresh forward to now (its backoff would wait minutes).
-async fn due_now(user: &str, id: &str) {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    aws_sdk_dynamodb::Client::new(&sdk)
-        .update_item()
-        .table_name(setting("TABLE_NAME"))
-        .key("pk", AttributeValue::S(format!("USER#{user}")))
-        .key("sk", AttributeValue::S(format!("CONN#{id}")))
-        .update_expression("SET due_at = :now")
-        .condition_expression("attribute_exists(due_at)")
-        .expression_attribute_values(":now", AttributeValue::N((e2e::now() - 1).to_string()))
-        .send()
-        .await
-        .expect("bring the refresh forward");
 }
 
 /// The events function fails a batch when EventBridge does not take its events (the mapping

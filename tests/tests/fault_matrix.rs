@@ -9,8 +9,8 @@ use e2e::fault_proxy::{Failure, Matcher, Stage};
 use e2e::lambda::{ApiRequest, HttpReply, LocalLambda};
 use e2e::{
     accounts_of, authorize, callback_request, connect_attempts, connected_id, klaviyo_account,
-    location, pending_revocations, refresh_tokens, register_api_key, settings_page, token_for,
-    unique,
+    location, pending_revocations, refresh_tokens, register_api_key, settings_page, time_of,
+    token_for, unique,
 };
 use futures::future::join_all;
 use serde_json::json;
@@ -85,6 +85,12 @@ fn list(token: &str) -> ApiRequest {
 
 fn delete(token: &str, id: &str) -> ApiRequest {
     ApiRequest::new("DELETE", &format!("/api/oauth/accounts/{id}"))
+        .bearer(token)
+        .path_parameter("accountId", id)
+}
+
+fn verify(token: &str, id: &str) -> ApiRequest {
+    ApiRequest::new("POST", &format!("/api/oauth/accounts/{id}/verify"))
         .bearer(token)
         .path_parameter("accountId", id)
 }
@@ -310,6 +316,71 @@ async fn klaviyo_accounts_failures_fail_the_flow_or_the_key_check_and_revoke_new
         let keyed = connect.http(api_key(&token, &key)).await;
         assert_eq!(keyed.status, 201, "{}", keyed.body);
     })
+    .await;
+}
+
+#[tokio::test]
+async fn klaviyo_accounts_failures_leave_a_tested_connection_as_it_was() {
+    let step = Matcher::Path("/api/accounts");
+    each_failure(
+        "Klaviyo accounts (Test connection)",
+        move |failure| async move {
+            let Connecting {
+                stage,
+                connect,
+                callback,
+                token,
+                account,
+                returning,
+                key,
+            } = Connecting::new().await;
+            let landed = callback.http(returning).await;
+            redirected_to(&landed, "connected=klaviyo", "callback");
+            let keyed = connect.http(api_key(&token, &key)).await;
+            assert_eq!(keyed.status, 201, "{}", keyed.body);
+            let before = accounts_of(&token).await;
+            assert_eq!(before.len(), 2);
+
+            stage.inject(step, failure).await;
+            for connection in &before {
+                let id = connection["id"].as_str().unwrap();
+                let tested = connect.http(verify(&token, id)).await;
+                let what = format!("test of {}", connection["authType"]);
+                if failure == Failure::Throttled {
+                    assert_error(&tested, 429, "rate_limited", &what);
+                    assert_eq!(
+                        tested.header("retry-after"),
+                        Some("1"),
+                        "Klaviyo's Retry-After"
+                    );
+                } else {
+                    assert_error(&tested, 502, "klaviyo_unavailable", &what);
+                }
+                assert!(!tested.body.contains(&key), "the key is never echoed");
+            }
+            // Nothing changed: still active, not verified again, the OAuth token not refreshed.
+            assert_eq!(accounts_of(&token).await, before, "unchanged");
+            assert_eq!(
+                refresh_tokens(&account, "rotated").await.len(),
+                0,
+                "no refresh"
+            );
+            stage.clear(step).await;
+
+            for connection in &before {
+                let id = connection["id"].as_str().unwrap();
+                let tested = connect.http(verify(&token, id)).await;
+                assert_eq!(tested.status, 200, "{}", tested.body);
+                let tested = tested.json();
+                assert_eq!(tested["account"]["status"], "active");
+                assert!(
+                    time_of(&tested["account"]["lastVerifiedAt"])
+                        > time_of(&connection["lastVerifiedAt"]),
+                    "verified again: {tested}"
+                );
+            }
+        },
+    )
     .await;
 }
 

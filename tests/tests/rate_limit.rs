@@ -1,5 +1,6 @@
-//! Per-user rate limiting on the connect routes (OAuth start and API key share one budget),
-//! kept in DynamoDB with a TTL and answered with 429 and `retry-after`.
+//! Per-user rate limiting on the connect routes (OAuth start and API key share one budget;
+//! completions and connection tests have their own), kept in DynamoDB with a TTL and
+//! answered with 429 and `retry-after`.
 
 use e2e::{
     api_url, connect, connect_api_key, environment, http, klaviyo_account, raw_item, received,
@@ -109,4 +110,30 @@ async fn api_key_checks_are_limited_before_klaviyo_is_asked() {
         let (status, _) = connect(&token, None).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     }
+}
+
+#[tokio::test]
+async fn connection_tests_have_a_limit_of_their_own_before_klaviyo_is_asked() {
+    let rate = environment().await.config.connect_rate;
+    let token = token_for(&unique("user")).await;
+    let account = klaviyo_account();
+    let key = register_api_key(&account).await;
+    let (status, connected) = connect_api_key(&token, &json!({"apiKey": key})).await;
+    assert_eq!(status, StatusCode::CREATED, "{connected}");
+    let id = connected["account"]["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/api/oauth/accounts/{id}/verify", api_url());
+    let (admitted, retry_after, limited) =
+        until_limited(rate.limit, || http().post(&url).bearer_auth(&token)).await;
+    assert!((rate.limit..=2 * rate.limit).contains(&admitted));
+    assert!(retry_after >= 1);
+    assert_eq!(limited["error"]["code"], "rate_limited");
+    // The connect itself and every admitted test asked Klaviyo; the limited one did not.
+    assert_eq!(
+        received(&account, "accounts").await.len(),
+        admitted as usize + 1
+    );
+    // Connecting is counted apart (unless the window just rolled, it is not limited).
+    let other = register_api_key(&klaviyo_account()).await;
+    let (status, body) = connect_api_key(&token, &json!({"apiKey": other})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 }

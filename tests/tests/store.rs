@@ -43,6 +43,7 @@ fn connection(user: &UserId, klaviyo_account: &str, auth_type: AuthType) -> Conn
         authorized_at: now,
         status_reason: None,
         degraded: false,
+        last_verified_at: None,
         credentials: SealedBlob::from_bytes(vec![1, 0, 1, 42]),
         version: 0,
     }
