@@ -8,8 +8,8 @@ use e2e::fault_proxy::{Failure, Matcher, Stage};
 use e2e::lambda::Outcome;
 use e2e::{
     accounts_of, connect_api_key, connect_due, connect_klaviyo, disconnect, due_now, inject_fault,
-    invoke_refresh, issued_tokens, klaviyo_account, raw_item, register_api_key, set_token_lifetime,
-    setting, token_for, unique,
+    invoke_refresh, issued_tokens, klaviyo_account, raw_item, register_api_key, revoke_api_key,
+    set_token_lifetime, setting, token_for, unique, verify,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -181,6 +181,48 @@ async fn every_transition_of_a_connection_publishes_its_event() {
     let switched = events.next("Connection Reauthorized", &mut taken).await;
     assert_eq!(detail_of(&switched)["authType"], "api_key");
 
+    // The key deleted in Klaviyo: "Test connection" finds out; a new key reauthorizes.
+    let (status, _) = verify(&token, &id).await;
+    assert_eq!(
+        status, 200,
+        "a test that passes changes nothing the host app hears of"
+    );
+    revoke_api_key(&key).await;
+    let (status, _) = verify(&token, &id).await;
+    assert_eq!(status, 200);
+    let refused = events.next("Connection Needs Reauth", &mut taken).await;
+    assert_eq!(detail_of(&refused)["connectionId"], id.as_str());
+    assert_eq!(detail_of(&refused)["reason"], "api_key_refused");
+    let new_key = register_api_key(&account).await;
+    let (status, _) = connect_api_key(&token, &json!({"apiKey": new_key})).await;
+    assert_eq!(status, 201);
+    let rekeyed = events.next("Connection Reauthorized", &mut taken).await;
+    assert_eq!(detail_of(&rekeyed)["status"], "active");
+    // Delivery is at least once and unordered: compare the distinct events by type.
+    let mut distinct = std::collections::BTreeMap::new();
+    for event in &events.seen {
+        distinct.insert(
+            detail_of(event)["eventId"].to_string(),
+            event["detail-type"].clone(),
+        );
+    }
+    let mut types: Vec<String> = distinct
+        .values()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    types.sort();
+    assert_eq!(
+        types,
+        [
+            "Connection Created",
+            "Connection Needs Reauth",
+            "Connection Reauthorized",
+            "Connection Reauthorized",
+            "Connection Reauthorized"
+        ],
+        "one event per transition, none for a passing test"
+    );
+
     // A second account whose app the user removes in Klaviyo: the refresh finds out.
     let removed = klaviyo_account();
     let removed_id = connect_due(&token, &removed).await;
@@ -212,6 +254,7 @@ async fn every_transition_of_a_connection_publishes_its_event() {
         }
     }
     assert!(!text.contains(&key), "the API key in an event");
+    assert!(!text.contains(&new_key), "the API key in an event");
     assert!(!text.contains(&token), "the JWT in an event");
 }
 
