@@ -6,20 +6,27 @@ app's rule would deliver them to its own target; this reads that queue, prints e
 (type, then its detail) and deletes it. With the stack's settings in the environment:
 
     eval "$(scripts/local-stack.sh env)"; .venv/bin/python scripts/watch_events.py
+
+With --user, it subscribes a queue of its own to that user's events (a rule on the bus, as a
+host app would), prints "subscribed" once it listens, and with --expect waits for each named
+event type in turn, printing each event as one JSON line; it exits 0 when all came, 1 after
+--timeout seconds (the browser journey uses this), and removes its rule and queue either way:
+
+    .venv/bin/python scripts/watch_events.py --user alice \\
+        --expect "Connection Needs Reauth" --expect "Connection Reauthorized"
 """
 
+import argparse
 import json
 import os
 import sys
+import time
+import uuid
 
 import boto3
 
 
-def main():
-    queue = os.environ.get("EVENT_QUEUE_URL")
-    if not queue:
-        sys.exit('EVENT_QUEUE_URL is not set: eval "$(scripts/local-stack.sh env)" first')
-    sqs = boto3.client("sqs")
+def follow(sqs, queue):
     print(f"Waiting for connection events on {queue} (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         while True:
@@ -31,6 +38,63 @@ def main():
                 sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
     except KeyboardInterrupt:
         pass
+
+
+def expect(sqs, queue, wanted, timeout):
+    """Prints each wanted event (one JSON line) as it comes; True when all came in time."""
+    deadline = time.monotonic() + timeout
+    while wanted and time.monotonic() < deadline:
+        answer = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        for message in answer.get("Messages", []):
+            event = json.loads(message["Body"])
+            if event.get("detail-type") in wanted:
+                wanted.remove(event["detail-type"])
+                print(json.dumps(event, sort_keys=True), flush=True)
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    if wanted:
+        print(f"not received within {timeout} s: {', '.join(wanted)}", file=sys.stderr, flush=True)
+    return not wanted
+
+
+def subscribed(sqs, user, wanted, timeout):
+    bus = os.environ.get("EVENT_BUS_NAME")
+    if not bus:
+        sys.exit('EVENT_BUS_NAME is not set: eval "$(scripts/local-stack.sh env)" first')
+    events = boto3.client("events")
+    name = f"watch-{uuid.uuid4().hex[:16]}"
+    queue = sqs.create_queue(QueueName=name)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    pattern = {"source": ["klaviyo-connect"], "detail": {"userId": [user]}}
+    try:
+        events.put_rule(Name=name, EventBusName=bus, EventPattern=json.dumps(pattern))
+        events.put_targets(Rule=name, EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
+        print("subscribed", file=sys.stderr, flush=True)
+        if wanted:
+            return expect(sqs, queue, list(wanted), timeout)
+        follow(sqs, queue)
+        return True
+    finally:
+        events.remove_targets(Rule=name, EventBusName=bus, Ids=["queue"])
+        events.delete_rule(Name=name, EventBusName=bus)
+        sqs.delete_queue(QueueUrl=queue)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--user", help="subscribe a queue of its own to this user's events")
+    parser.add_argument("--expect", action="append", default=[], metavar="TYPE",
+                        help="with --user: wait for an event of this detail-type (repeatable)")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for --expect")
+    args = parser.parse_args()
+    sqs = boto3.client("sqs")
+    if args.user:
+        sys.exit(0 if subscribed(sqs, args.user, args.expect, args.timeout) else 1)
+    if args.expect:
+        sys.exit("--expect needs --user")
+    queue = os.environ.get("EVENT_QUEUE_URL")
+    if not queue:
+        sys.exit('EVENT_QUEUE_URL is not set: eval "$(scripts/local-stack.sh env)" first')
+    follow(sqs, queue)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 // The settings page of a host app, as a plain ES module: lists the user's Klaviyo
 // connections, connects new ones (OAuth through Klaviyo, or a private API key), reconnects
-// the ones Klaviyo stopped accepting, and disconnects them. It talks to klaviyo-connect's
+// the ones Klaviyo stopped accepting, tests them ("Test connection"), and disconnects them. It talks to klaviyo-connect's
 // HTTP API with the signed-in user's JWT, which it asks the host app for (a same-origin,
 // cookie-based session endpoint) and keeps in memory only; everything shown comes from that
 // API.
@@ -43,6 +43,14 @@ const STATUS = {
 };
 
 const METHOD = { oauth: "Klaviyo login (OAuth)", api_key: "Private API key" };
+
+// Why a connection needs re-authorisation (the list's statusReason), and what to do.
+const REAUTH = {
+  refresh_refused:
+    "Klaviyo no longer accepts this connection (access was removed in Klaviyo or expired). Reconnect to resume syncing.",
+  api_key_refused:
+    "Klaviyo no longer accepts this private API key (it was deleted or changed in Klaviyo). Connect again with a new key.",
+};
 
 const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
 
@@ -326,15 +334,27 @@ function renderAccount(account) {
   } else {
     item.querySelector(".account-refreshed-row").remove();
   }
+  if (account.lastVerifiedAt) {
+    item.querySelector(".account-verified").replaceChildren(time(account.lastVerifiedAt));
+  } else {
+    item.querySelector(".account-verified-row").remove();
+  }
 
   const reconnect = item.querySelector(".reconnect");
+  const verify = item.querySelector(".verify");
   const disconnect = item.querySelector(".disconnect");
   const name = account.accountName;
   disconnect.setAttribute("aria-label", `Disconnect ${name}`);
   disconnect.addEventListener("click", () => confirmDisconnect(account, disconnect));
+  verify.setAttribute("aria-label", `Test connection ${name}`);
+  verify.addEventListener("click", () => testConnection(account, verify));
   if (account.status === "needs_reauth") {
     item.classList.add("account-needs-reauth");
-    item.querySelector(".account-reauth").hidden = false;
+    const reauth = item.querySelector(".account-reauth");
+    reauth.textContent = REAUTH[account.statusReason] || REAUTH.refresh_refused;
+    reauth.hidden = false;
+    // Klaviyo is not asked again until the user reconnects: nothing to test.
+    verify.hidden = true;
     if (account.authType === "oauth") {
       reconnect.hidden = false;
       reconnect.setAttribute("aria-label", `Reconnect ${name}`);
@@ -455,6 +475,29 @@ async function connectWithApiKey(form) {
     // The message is announced (role="alert"); a refused key puts the cursor back in it.
     showFieldError("api-key-error", error.message, error.code === "invalid_api_key" ? key : null);
   }
+}
+
+// ---- testing ---------------------------------------------------------------------------------------
+
+// "Test connection": the service asks Klaviyo with the stored credential and answers the
+// connection as it is now; the list is redrawn from that answer's truth.
+async function testConnection(account, trigger) {
+  const name = account.accountName;
+  let outcome;
+  try {
+    const { account: tested } = await busy(trigger, "Testing…", () =>
+      api("POST", `/api/oauth/accounts/${encodeURIComponent(account.id)}/verify`),
+    );
+    outcome = tested.status === "active"
+      ? ["success", `${name} works: Klaviyo accepted the connection.`]
+      : ["warning", `${name} needs re-authorisation: ${REAUTH[tested.statusReason] || REAUTH.refresh_refused}`];
+  } catch (error) {
+    outcome = error.status === 404
+      ? ["warning", `${name} was already disconnected.`]
+      : ["error", `${name} could not be tested: ${error.message}`];
+  }
+  await loadAccounts();
+  notify(...outcome, { focus: true });
 }
 
 // ---- disconnecting -------------------------------------------------------------------------------

@@ -6,15 +6,16 @@
 //
 // The journey: signed out, then signed in through the dev sign-in; an empty list; Connect
 // Klaviyo and Deny at the consent screen; connect and Allow, which the page completes with
-// the user's own session; Klaviyo stops accepting the connection and the page offers
-// Reconnect; reconnect; an authorize URL outside Klaviyo is refused; a refused and then an
+// the user's own session; Test connection passes; the app is removed in Klaviyo, Test
+// connection finds out, the page offers Reconnect and a host app's subscription receives
+// Needs Reauth; reconnect (and Reauthorized); an authorize URL outside Klaviyo is refused; a refused and then an
 // accepted private API key; Disconnect, cancelled and then confirmed; an attacker's authorize
 // link followed by a victim (nothing connected for anyone, the grant revoked at Klaviyo);
 // sign out. Screenshots of each step go to SCREENSHOT_DIR (default target/browser-e2e).
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, readFileSync } from "node:fs";
 import { randomUUID } from "node:crypto";
 import { fileURLToPath } from "node:url";
@@ -81,6 +82,40 @@ const sandbox = {
     (await call("GET", `${SANDBOX}/sandbox/tokens?account=${id}`)).refresh_tokens,
   revokeRequests: (id) => call("GET", `${SANDBOX}/sandbox/requests?account=${id}&endpoint=revoke`),
 };
+
+// A host app's subscription to the user's events (a rule on the local bus and a queue, by
+// scripts/watch_events.py): resolves once it listens; `events` then resolves with each
+// expected event in the order they came, or rejects when they do not come in time.
+async function subscribe(userId, expected) {
+  const watcher = spawn(
+    path.join(root, ".venv/bin/python"),
+    [
+      path.join(root, "scripts/watch_events.py"),
+      "--user", userId,
+      "--timeout", "60",
+      ...expected.flatMap((type) => ["--expect", type]),
+    ],
+    { stdio: ["ignore", "pipe", "pipe"] },
+  );
+  let out = "";
+  let err = "";
+  watcher.stdout.on("data", (chunk) => (out += chunk));
+  const events = new Promise((resolve, reject) => {
+    watcher.on("exit", (code) =>
+      code === 0
+        ? resolve(out.trim().split("\n").map((line) => JSON.parse(line)))
+        : reject(new Error(`events not received (exit ${code}): ${err}`)),
+    );
+  });
+  await new Promise((resolve, reject) => {
+    watcher.stderr.on("data", (chunk) => {
+      err += chunk;
+      if (err.includes("subscribed")) resolve();
+    });
+    watcher.on("exit", () => reject(new Error(`the event watcher stopped: ${err}`)));
+  });
+  return { events };
+}
 
 // The scheduled refresh, as EventBridge would start it.
 function runRefresh() {
@@ -279,20 +314,27 @@ test("Connect by keyboard and Allow: the page completes with the user's session,
   await shot("04-connected");
 });
 
-test("when Klaviyo stops accepting the connection, Reconnect brings it back", async () => {
-  // The user removes the app in Klaviyo; the next scheduled refresh meets invalid_grant.
+test("Test connection: Klaviyo accepts it, then the app is removed in Klaviyo, the host app hears of it, and Reconnect brings it back", async () => {
+  const main = item("Main store");
+  const test = page.getByRole("button", { name: "Test connection Main store" });
+  await test.click();
+  await notice().filter({ hasText: "Main store works: Klaviyo accepted the connection." }).waitFor();
+  assert.equal(await main.locator(".badge").textContent(), "Active");
+  assert.equal(await main.locator(".account-verified time").count(), 1, "Last checked is shown");
+  await shot("05-tested");
+
+  // A host app's subscription to this user's events, then the user removes the app in Klaviyo.
+  const { events } = await subscribe(user, ["Connection Needs Reauth", "Connection Reauthorized"]);
   await sandbox.removeApp(oauthAccount);
   await sandbox.account(oauthAccount, 3600);
-  const summary = await runRefresh();
-  assert.ok(summary.needs_reauth >= 1, JSON.stringify(summary));
-
-  await page.reload();
-  assert.deepEqual(await listed(), ["Main store"]);
-  const main = item("Main store");
+  await test.click();
+  await notice().filter({ hasText: "Main store needs re-authorisation: Klaviyo no longer accepts this connection" }).waitFor();
   assert.equal(await main.locator(".badge").textContent(), "Needs re-authorisation");
+  assert.match(await main.locator(".account-reauth").textContent(), /access was removed in Klaviyo/);
+  assert.equal(await test.count(), 0, "nothing to test until it is reconnected");
   const reconnect = page.getByRole("button", { name: "Reconnect Main store" });
   await reconnect.waitFor();
-  await shot("05-needs-reauth");
+  await shot("06-needs-reauth");
 
   await reconnect.click();
   const landing = await consent(oauthAccount, "Allow");
@@ -302,6 +344,16 @@ test("when Klaviyo stops accepting the connection, Reconnect brings it back", as
   assert.deepEqual(await listed(), ["Main store"], "the same connection, not a second one");
   assert.equal(await item("Main store").locator(".badge").textContent(), "Active");
   assert.equal(await page.getByRole("button", { name: "Reconnect Main store" }).count(), 0);
+
+  // What the host app received: the break with its reason, then the reconnect.
+  const [broken, back] = await events;
+  const id = await main.getAttribute("data-id");
+  assert.equal(broken["detail-type"], "Connection Needs Reauth");
+  assert.equal(broken.detail.connectionId, id);
+  assert.equal(broken.detail.reason, "refresh_refused");
+  assert.equal(back["detail-type"], "Connection Reauthorized");
+  assert.equal(back.detail.connectionId, id);
+  assert.equal(back.detail.status, "active");
 });
 
 test("an authorize URL outside the configured Klaviyo is refused, never opened", async () => {
@@ -330,7 +382,7 @@ test("an authorize URL outside the configured Klaviyo is refused, never opened",
   assert.equal(page.url(), `${FRONTEND}/settings`);
   assert.equal(await page.getByRole("button", { name: "Connect Klaviyo" }).isEnabled(), true);
   assert.deepEqual(await listed(), ["Main store"]);
-  await shot("06-foreign-authorize-url");
+  await shot("07-foreign-authorize-url");
   await page.locator("#connect-name").fill("");
 });
 
@@ -356,7 +408,7 @@ test("a private API key: a refused key is explained, an accepted one is listed",
   assert.deepEqual(await listed(), ["EU store", "Main store"], "newest first");
   assert.equal(await item("EU store").locator(".account-method").textContent(), "Private API key");
   assert.equal(await page.getByLabel("Private API key").inputValue(), "", "the key is not kept in the page");
-  await shot("07-api-key");
+  await shot("08-api-key");
 });
 
 test("Disconnect asks first; cancelling keeps the account, confirming removes and revokes it", async () => {
@@ -364,7 +416,7 @@ test("Disconnect asks first; cancelling keeps the account, confirming removes an
   await disconnectEu.click();
   const dialog = page.getByRole("dialog");
   await dialog.getByText("Disconnect EU store?").waitFor();
-  await shot("08-confirm-disconnect");
+  await shot("09-confirm-disconnect");
   await page.keyboard.press("Escape");
   await dialog.waitFor({ state: "hidden" });
   assert.equal(await disconnectEu.evaluate((e) => e === document.activeElement), true, "focus returns");
@@ -382,7 +434,7 @@ test("Disconnect asks first; cancelling keeps the account, confirming removes an
   await page.getByText("No Klaviyo account is connected yet.").waitFor();
   const active = (await sandbox.refreshTokens(oauthAccount)).filter((t) => t.status === "active");
   assert.deepEqual(active, [], "the OAuth connection's refresh token was revoked at Klaviyo");
-  await shot("09-disconnected");
+  await shot("10-disconnected");
 });
 
 test("an attacker's authorize link: the victim's Allow connects nothing, and the grant is revoked", async () => {
@@ -410,7 +462,7 @@ test("an attacker's authorize link: the victim's Allow connects nothing, and the
     assert.equal(await notice(victimPage).evaluate((e) => e === document.activeElement), true);
     assert.ok(!victimPage.url().includes("completion="), victimPage.url());
     assert.deepEqual(await listed(victimPage), [], "nothing connected for the victim");
-    await shot("10-attack-refused", victimPage);
+    await shot("11-attack-refused", victimPage);
   } finally {
     await victimPage.context().close();
   }
@@ -444,7 +496,7 @@ test("the same link followed by someone with no session here: the page withdraws
     await victimPage.getByRole("heading", { name: "You are not signed in" }).waitFor();
     await notice(victimPage).filter({ hasText: "the access Klaviyo granted has been withdrawn" }).waitFor();
     assert.ok(!victimPage.url().includes("completion="), victimPage.url());
-    await shot("11-signed-out-declined", victimPage);
+    await shot("12-signed-out-declined", victimPage);
   } finally {
     await victimPage.context().close();
   }
@@ -466,7 +518,7 @@ test("Sign out ends the session; the page says so", async () => {
   assert.equal(asked.status(), 401);
   const unmarked = await page.request.get(`${FRONTEND}/session`);
   assert.equal(unmarked.status(), 403, "a request no browser marked as this site's is refused");
-  await shot("12-signed-out-again");
+  await shot("13-signed-out-again");
 });
 
 test("nothing went wrong in the page along the way", () => {
