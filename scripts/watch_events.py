@@ -63,20 +63,36 @@ def subscribed(sqs, user, wanted, timeout):
     events = boto3.client("events")
     name = f"watch-{uuid.uuid4().hex[:16]}"
     queue = sqs.create_queue(QueueName=name)["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    pattern = {"source": ["klaviyo-connect"], "detail": {"userId": [user]}}
     try:
-        events.put_rule(Name=name, EventBusName=bus, EventPattern=json.dumps(pattern))
-        events.put_targets(Rule=name, EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
-        print("subscribed", file=sys.stderr, flush=True)
-        if wanted:
-            return expect(sqs, queue, list(wanted), timeout)
-        follow(sqs, queue)
-        return True
+        arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        pattern = {"source": ["klaviyo-connect"], "detail": {"userId": [user]}}
+        rule = events.put_rule(Name=name, EventBusName=bus, EventPattern=json.dumps(pattern))["RuleArn"]
+        try:
+            # What AWS needs before the rule may send to the queue (moto does not check it).
+            policy = {"Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Principal": {"Service": "events.amazonaws.com"},
+                "Action": "sqs:SendMessage", "Resource": arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": rule}}}]}
+            sqs.set_queue_attributes(QueueUrl=queue, Attributes={"Policy": json.dumps(policy)})
+            events.put_targets(Rule=name, EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
+            print("subscribed", file=sys.stderr, flush=True)
+            if wanted:
+                return expect(sqs, queue, list(wanted), timeout)
+            follow(sqs, queue)
+            return True
+        finally:
+            tidy(lambda: events.remove_targets(Rule=name, EventBusName=bus, Ids=["queue"]))
+            tidy(lambda: events.delete_rule(Name=name, EventBusName=bus))
     finally:
-        events.remove_targets(Rule=name, EventBusName=bus, Ids=["queue"])
-        events.delete_rule(Name=name, EventBusName=bus)
-        sqs.delete_queue(QueueUrl=queue)
+        tidy(lambda: sqs.delete_queue(QueueUrl=queue))
+
+
+def tidy(step):
+    """A clean-up step that must not hide the error that led to it."""
+    try:
+        step()
+    except Exception as error:  # noqa: BLE001 - reported, and the next step still runs
+        print(f"clean-up: {error}", file=sys.stderr, flush=True)
 
 
 def main():

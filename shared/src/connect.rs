@@ -273,14 +273,26 @@ fn key_validation_error(error: KlaviyoError) -> ApiError {
         KlaviyoError::Rejected { .. } => {
             ApiError::bad_request("invalid_api_key", "Klaviyo rejected this API key.")
         }
+        other => klaviyo_failure(
+            other,
+            "Klaviyo could not be reached to validate the key; please try again.",
+        ),
+    }
+}
+
+/// Klaviyo could not answer a call made for the user (checking a key, testing a connection):
+/// its rate limiting is passed on as a 429 with its `Retry-After`, anything else is a 502
+/// with `message`.
+pub(crate) fn klaviyo_failure(error: KlaviyoError, message: &'static str) -> ApiError {
+    match error {
         KlaviyoError::RateLimited { retry_after } => ApiError::RateLimited {
             retry_after_secs: retry_after.map_or(1, |d| d.as_secs().max(1)),
         },
         other => {
-            tracing::warn!(event = "klaviyo_unavailable", error = %other, "API key validation failed");
+            tracing::warn!(event = "klaviyo_unavailable", error = %other, "Klaviyo could not answer");
             ApiError::Upstream {
                 code: "klaviyo_unavailable",
-                message: "Klaviyo could not be reached to validate the key; please try again.",
+                message,
             }
         }
     }

@@ -143,6 +143,9 @@ where
                     | "DisabledException"
                     | "KMSInvalidStateException"
                     | "NotFoundException"
+                    // KMS_KEY_ID names another key than the one that sealed: configuration,
+                    // not a credential that no longer opens.
+                    | "IncorrectKeyException"
             )
         });
     let message = DisplayErrorContext(&error).to_string();
@@ -417,8 +420,7 @@ impl Sealer {
             .await
             .map_err(|e| match &e {
                 SdkError::ServiceError(service)
-                    if service.err().is_invalid_ciphertext_exception()
-                        || service.err().is_incorrect_key_exception() =>
+                    if service.err().is_invalid_ciphertext_exception() =>
                 {
                     CryptoError::CannotOpen
                 }

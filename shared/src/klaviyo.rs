@@ -64,6 +64,13 @@ pub enum KlaviyoError {
 }
 
 impl KlaviyoError {
+    /// The API answered 401: it does not accept the credential (a deleted key, a revoked
+    /// token). A 403 is not this: it also comes from scopes, and from edges and firewalls in
+    /// front of Klaviyo, and must never cost a user their connection.
+    pub fn is_credential_refused(&self) -> bool {
+        matches!(self, Self::Rejected { code } if code == "http_401")
+    }
+
     /// The refresh token (or code) is no longer valid: the user must reconnect.
     pub fn is_invalid_grant(&self) -> bool {
         matches!(self, Self::Rejected { code } if code == "invalid_grant")

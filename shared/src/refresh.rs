@@ -214,8 +214,8 @@ impl Refresher {
                 self.record_verified(&connection, &account, now, owner)
                     .await
             }
-            Err(KlaviyoError::Rejected { code }) => {
-                self.needs_reauth(&connection, StatusReason::ApiKeyRefused, &code, owner)
+            Err(e) if e.is_credential_refused() => {
+                self.needs_reauth(&connection, StatusReason::ApiKeyRefused, "http_401", owner)
                     .await
             }
             Err(e) => {
@@ -239,14 +239,23 @@ impl Refresher {
         now: OffsetDateTime,
         owner: &str,
     ) -> Outcome {
+        if account.id != connection.klaviyo_account_id {
+            // Never expected: not a verification of this connection; retried like a failure.
+            tracing::error!(event = "klaviyo_account_mismatch", connection_id = %connection.id, "Klaviyo answered for another account than the one connected");
+            return self
+                .back_off(
+                    connection,
+                    now,
+                    None,
+                    "Klaviyo answered for another account",
+                    owner,
+                )
+                .await;
+        }
         let mut updated = connection.clone();
         updated.last_verified_at = Some(now);
         updated.updated_at = now;
-        if account.id == connection.klaviyo_account_id {
-            updated.klaviyo_account_name = account.organization_name.clone();
-        } else {
-            tracing::warn!(event = "klaviyo_account_mismatch", connection_id = %connection.id, "Klaviyo answered for another account than the one connected");
-        }
+        updated.klaviyo_account_name = account.organization_name.clone();
         if connection.auth_type == AuthType::ApiKey {
             updated.refresh_due_at = Some(key_check_due(&connection.id, now + KEY_CHECK_MIN_GAP));
             updated.refresh_failures = 0;

@@ -15,7 +15,7 @@
 
 use crate::accounts::AccountView;
 use crate::auth::UserId;
-use crate::connect::count_attempt;
+use crate::connect::{count_attempt, klaviyo_failure};
 use crate::crypto::{CryptoError, Sealer};
 use crate::disconnect::ROUTE_PREFIX;
 use crate::http::{ApiError, json, tail_segment, unavailable};
@@ -36,7 +36,7 @@ const NOT_FOUND: ApiError = ApiError::NotFound("Account not found.");
 const MARGIN: time::Duration = time::Duration::minutes(2);
 /// While another worker holds the lease (a refresh takes a second or two): how often to look
 /// again, and how long to wait in all before answering 503.
-const WAIT_FOR_LEASE: Duration = Duration::from_millis(250);
+pub const WAIT_FOR_LEASE: Duration = Duration::from_millis(250);
 pub const LEASE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Serialize)]
@@ -181,8 +181,9 @@ impl Verifier {
         Err(ApiError::Unavailable)
     }
 
-    /// Klaviyo's accounts endpoint with `credential`: accepted, refused (a key's verdict; an
-    /// access token's is its refresh token's), or an error to answer.
+    /// Klaviyo's accounts endpoint with `credential`: accepted, refused (a 401: a key's
+    /// verdict; an access token's is its refresh token's), or an error to answer (a 403 too:
+    /// it can come from in front of Klaviyo, and must never cost the user the connection).
     async fn ask(
         &self,
         credential: ApiCredential<'_>,
@@ -190,14 +191,18 @@ impl Verifier {
     ) -> Result<Verdict, ApiError> {
         match self.klaviyo.account(credential).await {
             Ok(account) => Ok(Verdict::Accepted(account)),
-            Err(KlaviyoError::Rejected { code }) => Ok(Verdict::Refused(refusal(auth_type), code)),
+            Err(e) if e.is_credential_refused() => {
+                Ok(Verdict::Refused(refusal(auth_type), "http_401".to_owned()))
+            }
             Err(e) => Err(klaviyo_error(e)),
         }
     }
 
     /// An OAuth connection whose access token is expiring or was refused: refresh it under the
     /// lease held (the refresh writes the result and releases the lease), then ask once more
-    /// with the new token and record that answer under a new lease.
+    /// with the new token and record an acceptance under a new lease, if the connection is
+    /// still the one just refreshed. While the job is backing off from Klaviyo failures, a test
+    /// does not add a refresh of its own (nor count towards the backoff).
     async fn refresh_and_ask(
         &self,
         leased: Connection,
@@ -205,6 +210,16 @@ impl Verifier {
         key: &ConnectionKey,
         owner: &str,
     ) -> Result<Connection, ApiError> {
+        let backing_off =
+            leased.refresh_failures > 0 && leased.refresh_due_at.is_some_and(|due| due > now);
+        if backing_off {
+            self.release(key, owner).await;
+            return Err(ApiError::Upstream {
+                code: "klaviyo_unavailable",
+                message: BACKING_OFF,
+            });
+        }
+        let refreshed_version = leased.version + 1;
         let (refresher, task_owner) = (self.refresher.clone(), owner.to_owned());
         // In a task of its own: a request that is cut off must not cancel a refresh between
         // Klaviyo's rotation and its write.
@@ -214,28 +229,43 @@ impl Verifier {
                 .unwrap_or((Outcome::Failed, None));
         let token: Secret = match refreshed {
             (Outcome::Refreshed, Some(token)) => token,
-            (Outcome::NeedsReauth | Outcome::Skipped, _) => return self.current(key).await,
+            (Outcome::NeedsReauth, _) => return self.current(key).await,
+            // Reconnected or disconnected meanwhile: nothing was tested.
+            (Outcome::Skipped, _) => return self.untested(key).await,
             (Outcome::WriteFailed | Outcome::Refused, _) => return Err(ApiError::Unavailable),
             _ => {
                 return Err(ApiError::Upstream {
                     code: "klaviyo_unavailable",
-                    message: "Klaviyo could not be reached to test the connection; please try again.",
+                    message: UNREACHABLE,
                 });
             }
         };
-        let verdict = self
+        let account = match self
             .ask(ApiCredential::AccessToken(&token), AuthType::OAuth)
-            .await?;
+            .await?
+        {
+            Verdict::Accepted(account) => account,
+            // Klaviyo accepted the refresh token a moment ago: the grant lives, whatever this
+            // answer was. Not a verdict to act on.
+            Verdict::Refused(..) => {
+                tracing::warn!(connection_id = %key.connection_id, "Klaviyo refused an access token it had just issued");
+                return Err(ApiError::Upstream {
+                    code: "klaviyo_unavailable",
+                    message: UNREACHABLE,
+                });
+            }
+        };
         let Some(leased) = self.lease(key, owner).await? else {
             return self.current(key).await;
         };
-        let now = OffsetDateTime::now_utc();
-        match verdict {
-            Verdict::Accepted(account) => self.accepted(leased, &account, now, owner).await,
-            // A token issued a moment ago and refused: the grant is of no use; the user must
-            // connect again.
-            Verdict::Refused(reason, detail) => self.refused(leased, reason, &detail, owner).await,
+        if leased.version != refreshed_version {
+            // Changed since the refresh (a reconnect, another refresh): the answer was about
+            // credentials that are no longer the stored ones.
+            self.release(key, owner).await;
+            return self.untested(key).await;
         }
+        self.accepted(leased, &account, OffsetDateTime::now_utc(), owner)
+            .await
     }
 
     async fn accepted(
@@ -268,16 +298,28 @@ impl Verifier {
 
     /// The connection as stored after a write of the test's result.
     async fn written(&self, outcome: Outcome, leased: &Connection) -> Result<Connection, ApiError> {
+        let key = ConnectionKey {
+            user_id: leased.user_id.clone(),
+            connection_id: leased.id.clone(),
+        };
         match outcome {
-            Outcome::WriteFailed => Err(ApiError::Unavailable),
-            _ => {
-                let key = ConnectionKey {
-                    user_id: leased.user_id.clone(),
-                    connection_id: leased.id.clone(),
-                };
-                self.current(&key).await
-            }
+            Outcome::Verified | Outcome::NeedsReauth => self.current(&key).await,
+            // Changed or removed since it was leased: the result was not recorded.
+            Outcome::Skipped | Outcome::SkippedLocked => self.untested(&key).await,
+            // Klaviyo answered for another account: retried later like a failure.
+            Outcome::Failed => Err(ApiError::Upstream {
+                code: "klaviyo_unavailable",
+                message: UNREACHABLE,
+            }),
+            _ => Err(ApiError::Unavailable),
         }
+    }
+
+    /// The connection changed while it was being tested, so the answer is about credentials
+    /// it no longer holds: 404 if it is gone, otherwise 503 (the page may test again).
+    async fn untested(&self, key: &ConnectionKey) -> Result<Connection, ApiError> {
+        self.current(key).await?;
+        Err(ApiError::Unavailable)
     }
 
     async fn current(&self, key: &ConnectionKey) -> Result<Connection, ApiError> {
@@ -309,19 +351,11 @@ fn refusal(auth_type: AuthType) -> StatusReason {
 
 /// Klaviyo could not answer: the connection is unchanged and the page may try again.
 fn klaviyo_error(error: KlaviyoError) -> ApiError {
-    match error {
-        KlaviyoError::RateLimited { retry_after } => ApiError::RateLimited {
-            retry_after_secs: retry_after.map_or(1, |d| d.as_secs().max(1)),
-        },
-        other => {
-            tracing::warn!(event = "klaviyo_unavailable", error = %other, "connection test could not reach Klaviyo");
-            ApiError::Upstream {
-                code: "klaviyo_unavailable",
-                message: "Klaviyo could not be reached to test the connection; please try again.",
-            }
-        }
-    }
+    klaviyo_failure(error, UNREACHABLE)
 }
+
+const UNREACHABLE: &str = "Klaviyo could not be reached to test the connection; please try again.";
+const BACKING_OFF: &str = "Klaviyo is having trouble with this connection; it is retried automatically. Please test again later.";
 
 /// The connection id of `/api/oauth/accounts/{accountId}/verify`: a UUID, lower-cased;
 /// anything else cannot exist (and is answered like a stranger's id).

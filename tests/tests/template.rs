@@ -269,6 +269,17 @@ fn a_refresh_ends_inside_its_lease() {
     );
 }
 
+#[test]
+fn a_connection_test_ends_inside_its_lease() {
+    assert!(
+        shared::budget::test_fits_its_lease(),
+        "a test may hold the lease {:?}, longer than the lease {:?}:\n{}",
+        shared::budget::test_under_its_lease().total(),
+        shared::refresh::LEASE,
+        shared::budget::test_under_its_lease()
+    );
+}
+
 /// Locally each function runs as its own IAM user: `cargo lambda watch` must give it its
 /// profile, or it runs as the user with no rights at all.
 #[test]

@@ -284,3 +284,69 @@ async fn the_refresh_job_checks_each_api_key_once_a_day_at_its_own_time() {
     let listed = &accounts_of(&token).await[0];
     assert_eq!(listed["statusReason"], "api_key_refused");
 }
+
+#[tokio::test]
+async fn a_403_never_costs_the_user_the_connection() {
+    let _turn = REFRESH_RUNS.lock().await;
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let (id, _key) = connect_by_key(&token, &account).await;
+    // A 403 can come from scopes or from whatever stands in front of Klaviyo: not a verdict.
+    e2e::inject_fault(json!({"endpoint": "accounts", "kind": "status", "status": 403, "account": account, "times": 2})).await;
+
+    let (status, body) = verify(&token, &id).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "klaviyo_unavailable");
+    assert_eq!(stored(&user, &id).await.status, ConnectionStatus::Active);
+
+    due_now(&user, &id).await;
+    let summary = invoke_refresh().await;
+    assert_eq!(summary["needs_reauth"], 0, "{summary}");
+    let checked = stored(&user, &id).await;
+    assert_eq!(checked.status, ConnectionStatus::Active);
+    assert_eq!(checked.refresh_failures, 1, "retried with backoff");
+}
+
+#[tokio::test]
+async fn while_refreshes_back_off_a_test_adds_no_refresh_of_its_own() {
+    let _turn = REFRESH_RUNS.lock().await;
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connect_due(&token, &account).await;
+    e2e::inject_fault(
+        json!({"endpoint": "token", "kind": "status", "status": 503, "account": account}),
+    )
+    .await;
+
+    // The token is about to expire: the test refreshes first, and Klaviyo fails.
+    let (status, body) = verify(&token, &id).await;
+    assert_eq!(status, 502, "{body}");
+    let grants = refresh_grants(&account).await;
+    assert!(grants >= 1);
+    let backing_off = stored(&user, &id).await;
+    assert_eq!(backing_off.refresh_failures, 1);
+    assert_eq!(backing_off.status, ConnectionStatus::Active);
+
+    // Pressed again during the backoff: answered at once, Klaviyo not asked, backoff kept.
+    let (status, body) = verify(&token, &id).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retried automatically"),
+        "{body}"
+    );
+    assert_eq!(refresh_grants(&account).await, grants);
+    assert_eq!(stored(&user, &id).await, backing_off);
+    e2e::http()
+        .delete(format!(
+            "{}/sandbox/faults?account={account}",
+            sandbox_url()
+        ))
+        .send()
+        .await
+        .unwrap();
+}
