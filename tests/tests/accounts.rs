@@ -12,7 +12,7 @@ use shared::{Connection, Credentials, UserId};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "id",
     "platform",
     "accountName",
@@ -24,6 +24,7 @@ const FIELDS: [&str; 11] = [
     "scopes",
     "lastRefreshedAt",
     "accessTokenExpiresAt",
+    "lastVerifiedAt",
 ];
 
 fn is_rfc3339_utc(value: &Value) -> bool {
@@ -85,6 +86,10 @@ async fn the_list_shows_only_the_callers_connections_newest_first() {
         assert_eq!(account["status"], "active");
         assert!(is_rfc3339_utc(&account["connectedAt"]), "{account}");
         assert!(account["lastRefreshedAt"].is_null());
+        assert!(
+            is_rfc3339_utc(&account["lastVerifiedAt"]),
+            "checked at connect: {account}"
+        );
     }
     assert_eq!(newest["klaviyoAccountId"], key_account.as_str());
     assert_eq!(newest["authType"], "api_key");
@@ -303,10 +308,17 @@ async fn a_valid_api_key_is_checked_at_klaviyo_sealed_and_listed() {
     assert_eq!(fetches[0]["headers"]["revision"], "2025-10-15");
 
     let connection = stored(&user, view["id"].as_str().unwrap()).await.unwrap();
-    assert_eq!(
-        connection.refresh_due_at, None,
-        "API keys are never refreshed"
+    // Never refreshed; checked again once a day, at the connection's own time of day.
+    let due = connection
+        .refresh_due_at
+        .expect("scheduled for its daily check");
+    assert_eq!(due, shared::model::key_check_due(&connection.id, due));
+    assert!(
+        due > time::OffsetDateTime::now_utc() + shared::model::KEY_CHECK_MIN_GAP
+            - time::Duration::minutes(1)
     );
+    assert_eq!(connection.access_token_expires_at, None);
+    assert!(connection.last_verified_at.is_some(), "checked at connect");
     assert!(!format!("{:?}", connection.credentials.as_bytes()).contains(&key));
     let opened = Credentials::open(&environment().await.sealer(), &connection)
         .await
