@@ -118,12 +118,20 @@ EXPORTS
 
   # Lambda's event source mapping, locally: the table's stream to the events function (it
   # waits for the functions to be served).
-  echo "Pumping the table's stream to the events function (log: $state/pump.log)" >&2
-  (set -a; source "$state/env.sh.tmp"; exec nohup "$python" "$root/scripts/stream_pump.py" \
-    --template "$root/template.yaml" --api-url "$api_url") > "$state/pump.log" 2>&1 &
-  echo $! > "$state/pump.pid"
+  # The settings are complete: the pump reads the final file (a background process that read
+  # the temporary one could find it already renamed).
   echo "$template_hash" > "$state/template.sha256"
   mv "$state/env.sh.tmp" "$state/env.sh"
+  echo "Pumping the table's stream to the events function (log: $state/pump.log)" >&2
+  (set -a; source "$state/env.sh"; exec nohup "$python" "$root/scripts/stream_pump.py" \
+    --template "$root/template.yaml" --api-url "$api_url") > "$state/pump.log" 2>&1 &
+  echo $! > "$state/pump.pid"
+  # It has no port to probe: it is up once it says so.
+  for _ in $(seq 1 50); do
+    grep -q "pumping the table's stream" "$state/pump.log" 2>/dev/null && break
+    process_running pump stream_pump || { echo "the stream pump exited; see $state/pump.log" >&2; tail -20 "$state/pump.log" >&2; rm -f "$state/env.sh"; return 1; }
+    sleep 0.2
+  done
   cat "$state/env.sh"
 }
 
