@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """moto_server, with requests authorized the way AWS authorizes them.
 
-moto (5.1.22) can check IAM (INITIAL_NO_AUTH_ACTION_COUNT), but for DynamoDB, KMS, Secrets
-Manager and EventBridge it checks every action against the resource `*`, so a statement scoped to a table or key
+moto (5.1.22) can check IAM (INITIAL_NO_AUTH_ACTION_COUNT), but for DynamoDB (and its streams),
+KMS, Secrets Manager, EventBridge and SQS it checks every action against the resource `*`, so a statement scoped to a table or key
 ARN never matches; it checks `dynamodb:TransactWriteItems`, an action AWS does not have (AWS
 checks each item's PutItem, UpdateItem, DeleteItem or ConditionCheckItem); and it passes
 conditions it has no values for. This wrapper replaces only the authorization step: for each
@@ -89,6 +89,15 @@ def checks(request):
     service, _, operation = request._action.partition(":")
     body = _body(request)
     if service == "dynamodb":
+        # DynamoDB Streams (signed as dynamodb): on the stream; an iterator names its stream
+        # (moto's iterators start with the stream's ARN); the streams of a table are listed
+        # on that table's streams.
+        if "StreamArn" in body:
+            return [(request._action, body["StreamArn"], {})]
+        if "ShardIterator" in body:
+            return [(request._action, body["ShardIterator"].split("|")[0], {})]
+        if operation == "ListStreams" and "TableName" in body:
+            return [(request._action, _dynamodb_table(request, body["TableName"]) + "/stream/*", {})]
         if operation in ("TransactWriteItems", "TransactGetItems"):
             result = []
             for item in body.get("TransactItems", []):
@@ -111,6 +120,9 @@ def checks(request):
         return [(request._action, _kms_key(request, body["KeyId"]), context)]
     if service == "secretsmanager" and "SecretId" in body:
         return [(request._action, _secret(request, body["SecretId"]), {})]
+    if service == "sqs" and "QueueUrl" in body:
+        name = body["QueueUrl"].rstrip("/").rsplit("/", 1)[-1]
+        return [(request._action, f"arn:aws:sqs:{request._region}:{request.account_id}:{name}", {})]
     if service == "events" and operation == "PutEvents":
         # Authorized on each event bus the entries name (the default bus when none).
         buses = {entry.get("EventBusName") or "default" for entry in body.get("Entries", [])}

@@ -170,7 +170,9 @@ def create_events(events, sqs):
     events.put_targets(Rule="all-connection-events", EventBusName=EVENT_BUS_NAME,
                        Targets=[{"Id": "local-queue", "Arn": queue_arn}])
     dead_letters = sqs.create_queue(QueueName=EVENTS_DEAD_LETTER_QUEUE_NAME)["QueueUrl"]
-    return bus_arn, queue_url, dead_letters
+    dead_letters_arn = sqs.get_queue_attributes(
+        QueueUrl=dead_letters, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return bus_arn, queue_url, dead_letters, dead_letters_arn
 
 
 def create_key(kms):
@@ -215,7 +217,7 @@ def main():
         sys.exit(f"moto does not enforce IAM: start it with INITIAL_NO_AUTH_ACTION_COUNT={UNAUTHENTICATED_CALLS}")
 
     table_arn, stream_arn = create_table(client("dynamodb", *admin), table_definition(template))
-    bus_arn, event_queue_url, events_dead_letters = create_events(client("events", *admin), client("sqs", *admin))
+    bus_arn, event_queue_url, events_dead_letters, events_dead_letters_arn = create_events(client("events", *admin), client("sqs", *admin))
     key_arn = create_key(client("kms", *admin))
     sm = client("secretsmanager", *admin)
     client_secret_arn = create_secret(sm, CLIENT_SECRET_NAME)
@@ -234,6 +236,7 @@ def main():
             "ConnectionsTable.StreamArn": stream_arn,
             "CredentialsKey.Arn": key_arn,
             "ConnectionEventsBus.Arn": bus_arn,
+            "EventsDeadLetterQueue.Arn": events_dead_letters_arn,
         },
     )
     # `default` catches a function started without its profile; `secrets-only` is for tests

@@ -3,15 +3,21 @@
 
 Reads the table's stream (TABLE_STREAM_ARN) from moto and hands each batch of changes to the
 events function through the local Lambda invoke endpoint (`cargo lambda watch`), with the
-settings of the function's stream event in template.yaml: its FilterCriteria, BatchSize,
-MaximumRetryAttempts and BisectBatchOnFunctionError. A batch the function fails is tried again
-with backoff, then split in halves, and a single change that still fails goes to the
-dead-letter queue (EVENTS_DEAD_LETTER_QUEUE_URL), as the mapping's on-failure destination
-does on AWS. Until the functions answer (they build first), it waits without counting tries.
+settings of the template's AWS::Lambda::EventSourceMapping: its FilterCriteria, BatchSize,
+MaximumRetryAttempts, BisectBatchOnFunctionError and StartingPosition. A batch the function
+fails is tried again with backoff, then split in halves, and a single change that still fails
+goes to the dead-letter queue (EVENTS_DEAD_LETTER_QUEUE_URL) with the stream positions Lambda
+sends to a mapping's on-failure destination. Until the functions answer (they build first), it
+waits without counting tries.
+
+Like the mapping on AWS, it reads the stream and writes to the queue with the function's own
+credentials (the profile named after its binary), so the template's statements for the stream
+and the queue are what moto enforces, and the IAM audit sees them used.
 
     stream_pump.py --template template.yaml --api-url http://127.0.0.1:9000
 
-Started by scripts/local-stack.sh up; AWS settings come from the environment (the admin).
+Started by scripts/local-stack.sh up. `--max-retries` and `--starting-position` override the
+template's, for the test that drives a batch to the dead-letter queue.
 """
 
 import argparse
@@ -43,14 +49,16 @@ def log(message, **fields):
 
 
 def stream_settings(template):
-    """The events function's binary name and its DynamoDB stream event's properties."""
-    for resource in template["Resources"].values():
-        if resource["Type"] != "AWS::Serverless::Function":
+    """The binary name of the function the table's stream mapping invokes, and the mapping's
+    properties."""
+    resources = template["Resources"]
+    for resource in resources.values():
+        if resource["Type"] != "AWS::Lambda::EventSourceMapping":
             continue
-        for event in resource["Properties"].get("Events", {}).values():
-            if event["Type"] == "DynamoDB":
-                return resource["Metadata"]["BuildProperties"]["Binary"], event["Properties"]
-    sys.exit("template.yaml has no function with a DynamoDB stream event")
+        properties = resource["Properties"]
+        function = resources[properties["FunctionName"]["Ref"]]
+        return function["Metadata"]["BuildProperties"]["Binary"], properties
+    sys.exit("template.yaml has no AWS::Lambda::EventSourceMapping")
 
 
 def matches(pattern, value):
@@ -91,20 +99,33 @@ class Pump:
         self.function, settings = stream_settings(template)
         self.filters = [json.loads(f["Pattern"]) for f in settings.get("FilterCriteria", {}).get("Filters", [])]
         self.batch_size = int(settings.get("BatchSize", 100))
-        self.max_retries = int(settings.get("MaximumRetryAttempts", 10))
+        self.max_retries = args.max_retries if args.max_retries is not None else int(
+            settings.get("MaximumRetryAttempts", -1))
         self.bisect = bool(settings.get("BisectBatchOnFunctionError", False))
+        self.starting_position = args.starting_position or settings.get("StartingPosition", "LATEST")
         self.invoke_url = f"{args.api_url.rstrip('/')}/2015-03-31/functions/{self.function}/invocations"
         self.stream_arn = os.environ["TABLE_STREAM_ARN"]
         self.dead_letters = os.environ.get("EVENTS_DEAD_LETTER_QUEUE_URL")
-        self.streams = boto3.client("dynamodbstreams")
-        self.sqs = boto3.client("sqs")
+        role = boto3.session.Session(profile_name=self.function)
+        self.streams = role.client("dynamodbstreams")
+        self.sqs = role.client("sqs")
+        # As Lambda checks when the mapping is created: the stream is the table's.
+        listed = self.streams.list_streams(TableName=os.environ["TABLE_NAME"])["Streams"]
+        if self.stream_arn not in [stream["StreamArn"] for stream in listed]:
+            sys.exit(f"{self.stream_arn} is not a stream of {os.environ['TABLE_NAME']}")
         self.positions = {}  # shard -> the last sequence number handed on
         self.known_shards = []
         self.shards_read_at = 0.0
 
     def run(self):
+        if self.starting_position == "LATEST":
+            # Only what is written from now on: start each shard after its last record.
+            for shard in self.shards():
+                while self.pump_shard(shard, deliver=False):
+                    pass
         log("pumping the table's stream", stream=self.stream_arn, function=self.function,
-            batch_size=self.batch_size, max_retries=self.max_retries, bisect=self.bisect)
+            batch_size=self.batch_size, max_retries=self.max_retries, bisect=self.bisect,
+            starting_position=self.starting_position)
         while True:
             busy = False
             for shard in self.shards():
@@ -119,7 +140,7 @@ class Pump:
             self.shards_read_at = time.monotonic()
         return self.known_shards
 
-    def pump_shard(self, shard):
+    def pump_shard(self, shard, deliver=True):
         # A fresh iterator from the last position each time rather than the previous answer's
         # NextShardIterator: moto's iterators hold the shard object, which a failed
         # transaction replaces (it restores a copy of the table), and would then read nothing.
@@ -134,38 +155,52 @@ class Pump:
         records = [as_lambda_json(r) for r in answer.get("Records", [])]
         if records:
             self.positions[shard] = records[-1]["dynamodb"]["SequenceNumber"]
+        if not deliver:
+            return bool(records)
         for record in records:
             record["eventSourceARN"] = self.stream_arn
         wanted = [r for r in records if not self.filters or any(matches(p, r) for p in self.filters)]
         if wanted:
             log("read", shard=shard, records=len(records), connections=len(wanted))
         for start in range(0, len(wanted), self.batch_size):
-            self.deliver(wanted[start:start + self.batch_size])
+            self.deliver(shard, wanted[start:start + self.batch_size])
         return bool(records)
 
-    def deliver(self, batch):
-        """At least once: retried, then split, then set aside; never dropped silently."""
+    def deliver(self, shard, batch):
+        """At least once: retried, then split, then set aside; never dropped silently. A
+        `MaximumRetryAttempts` of -1 (the default) retries until the function takes it."""
         backoff = FIRST_BACKOFF
-        for attempt in range(1, self.max_retries + 2):
+        attempt = 0
+        while True:
+            attempt += 1
             error = self.invoke(batch)
             if error is None:
                 return
+            if 0 <= self.max_retries < attempt:
+                break
             log("the events function failed a batch; retrying", attempt=attempt, size=len(batch), error=error)
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
         if self.bisect and len(batch) > 1:
             middle = len(batch) // 2
-            self.deliver(batch[:middle])
-            self.deliver(batch[middle:])
+            self.deliver(shard, batch[:middle])
+            self.deliver(shard, batch[middle:])
             return
         log("giving up on a batch: sent to the dead-letter queue", size=len(batch), error=error)
         if self.dead_letters:
+            # What Lambda sends to a stream mapping's on-failure destination: where the batch
+            # is in the stream (read it again from there to redrive it), never the records.
             self.sqs.send_message(QueueUrl=self.dead_letters, MessageBody=json.dumps({
+                "requestContext": {"condition": "RetryAttemptsExhausted", "approximateInvokeCount": attempt},
+                "responseContext": {"functionError": "Unhandled"},
+                "version": "1.0",
+                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "DDBStreamBatchInfo": {
-                    "streamArn": self.stream_arn,
+                    "shardId": shard,
                     "startSequenceNumber": batch[0]["dynamodb"].get("SequenceNumber"),
                     "endSequenceNumber": batch[-1]["dynamodb"].get("SequenceNumber"),
                     "batchSize": len(batch),
+                    "streamArn": self.stream_arn,
                 },
                 "error": error,
             }))
@@ -205,6 +240,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--template", required=True)
     parser.add_argument("--api-url", required=True)
+    parser.add_argument("--max-retries", type=int, help="instead of the template's MaximumRetryAttempts")
+    parser.add_argument("--starting-position", choices=["TRIM_HORIZON", "LATEST"],
+                        help="instead of the template's StartingPosition")
     args = parser.parse_args()
     try:
         Pump(args).run()

@@ -367,3 +367,95 @@ async fn a_batch_that_fails_is_delivered_again_with_the_same_event_ids() {
     );
     assert!(function.log().contains("lifecycle_event_published"));
 }
+
+/// The mapping gives up on a batch the function keeps failing: the batch's place in the stream
+/// (never its records) goes to the dead-letter queue, sent with the function's own role, and
+/// scripts/redrive_events.py reads it back from the stream and delivers it: the same event id
+/// as the first delivery, so consumers de-duplicate it.
+#[tokio::test]
+async fn a_batch_given_up_on_is_kept_in_the_dead_letter_queue_and_redriven_with_the_same_event_id()
+{
+    use tokio::io::AsyncBufReadExt;
+    // A second mapping, from now on, whose function always fails and which gives up at once.
+    let failing = axum::Router::new()
+        .fallback(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, failing).await });
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let python = format!("{root}/.venv/bin/python");
+    let mut pump = tokio::process::Command::new(&python)
+        .arg(format!("{root}/scripts/stream_pump.py"))
+        .args([
+            "--template",
+            &format!("{root}/template.yaml"),
+            "--api-url",
+            &down,
+        ])
+        .args(["--max-retries", "0", "--starting-position", "LATEST"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("a second stream pump");
+    let mut said = tokio::io::BufReader::new(pump.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = said.next_line().await.unwrap() {
+            if line.contains("pumping the table's stream") {
+                return;
+            }
+        }
+        panic!("the pump stopped before pumping");
+    })
+    .await
+    .expect("the pump starts");
+    // Its log is read to the end, so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = said.next_line().await {} });
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let mut events = Subscription::for_user(&user).await;
+    let (status, _) = connect_api_key(
+        &token,
+        &json!({"apiKey": register_api_key(&klaviyo_account()).await}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    // Published once by the stack's own mapping.
+    let mut taken = 0;
+    let first = events.next("Connection Created", &mut taken).await;
+
+    // Its place in the stream, read back (once the failing mapping has given up on it): our
+    // connection's insert.
+    let redrive = |dry_run: bool| {
+        let mut command = std::process::Command::new(&python);
+        command.arg(format!("{root}/scripts/redrive_events.py"));
+        if dry_run {
+            command.arg("--dry-run");
+        }
+        let output = command.output().expect("redrive_events.py runs");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    };
+    let ours = format!("INSERT USER#{user} CONN#");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut listed = redrive(true);
+    while !listed.contains(&ours) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        listed = redrive(true);
+    }
+    assert!(listed.contains(&ours), "the batch's records: {listed}");
+    pump.kill().await.expect("the failing mapping stops");
+    // Redriven: delivered to the events function again, published with the same event id.
+    let done = redrive(false);
+    assert!(done.contains("redriven "), "{done}");
+    let again = events.next("Connection Created", &mut taken).await;
+    assert_eq!(again["detail"]["eventId"], first["detail"]["eventId"]);
+    assert!(
+        redrive(true).contains("redriven 0, kept 0"),
+        "the queue is empty"
+    );
+}

@@ -108,6 +108,7 @@ fn function_actions_match_the_service_of_their_resource() {
         "AWS::KMS::Key" => "kms",
         "AWS::SecretsManager::Secret" => "secretsmanager",
         "AWS::Events::EventBus" => "events",
+        "AWS::SQS::Queue" => "sqs",
         other => panic!("unexpected resource type {other}"),
     };
     for (id, _, function) in functions() {
@@ -394,33 +395,31 @@ fn failed_refresh_runs_land_in_alarmed_queues() {
         });
         assert!(alarmed, "{queue} has no alarm on its visible messages");
     }
+    let mappings: Vec<(&Value, &Value)> = resources()
+        .iter()
+        .filter(|(_, r)| r["Type"] == "AWS::Lambda::EventSourceMapping")
+        .map(|(id, r)| (id, &r["Properties"]))
+        .collect();
+    for (id, mapping) in &mappings {
+        let destination = names_resource(&mapping["DestinationConfig"]["OnFailure"]["Destination"]);
+        assert!(
+            destination.is_some_and(|q| queues.contains(&q.as_str())),
+            "{id:?}: failed stream batches need an on-failure queue of this stack"
+        );
+        assert_eq!(mapping["BisectBatchOnFunctionError"], true, "{id:?}");
+        assert!(
+            mapping["MaximumRetryAttempts"]
+                .as_u64()
+                .is_some_and(|n| (1..=100).contains(&n)),
+            "{id:?}: a bounded number of retries (the default retries until the record expires)"
+        );
+    }
     for (id, _, function) in functions() {
+        // HTTP functions are invoked by API Gateway, the events function by its stream
+        // mapping (checked above).
         let Some(events) = function["Events"].as_mapping() else {
             continue;
         };
-        let streams: Vec<&Value> = events
-            .values()
-            .filter(|e| e["Type"] == "DynamoDB")
-            .map(|e| &e["Properties"])
-            .collect();
-        if !streams.is_empty() {
-            for stream in streams {
-                let destination =
-                    names_resource(&stream["DestinationConfig"]["OnFailure"]["Destination"]);
-                assert!(
-                    destination.is_some_and(|q| queues.contains(&q.as_str())),
-                    "{id}: failed stream batches need an on-failure queue of this stack"
-                );
-                assert_eq!(stream["BisectBatchOnFunctionError"], true, "{id}");
-                assert!(
-                    stream["MaximumRetryAttempts"]
-                        .as_u64()
-                        .is_some_and(|n| (1..=100).contains(&n)),
-                    "{id}: a bounded number of retries (the default retries until the record expires)"
-                );
-            }
-            continue;
-        }
         let config = &function["EventInvokeConfig"];
         let destination = names_resource(&config["DestinationConfig"]["OnFailure"]["Destination"]);
         assert!(
