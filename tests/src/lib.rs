@@ -170,6 +170,17 @@ pub async fn inject_fault(fault: Value) {
     assert_eq!(response.status(), 201, "fault accepted: {fault}");
 }
 
+/// Clears the sandbox's faults for `account` (Klaviyo answers normally again).
+pub async fn clear_faults(account: &str) {
+    let response = http()
+        .delete(format!("{}/sandbox/faults", sandbox_url()))
+        .query(&[("account", account)])
+        .send()
+        .await
+        .expect("sandbox reachable");
+    assert_eq!(response.status(), 204);
+}
+
 /// What the sandbox received for `account` at `endpoint` (authorize, token, revoke, accounts).
 pub async fn received(account: &str, endpoint: &str) -> Vec<Value> {
     http()

@@ -4,8 +4,8 @@
 use e2e::{
     accounts_of, api_url, connect_api_key, connect_klaviyo, connected_id, disconnect, environment,
     http, inject_fault, invoke_refresh, issued_tokens, klaviyo_account, list_accounts,
-    pending_revocations, received, refresh_tokens, register_api_key, sandbox_url, settings_page,
-    token_for, unique,
+    pending_revocations, received, refresh_tokens, register_api_key, settings_page, token_for,
+    unique,
 };
 use serde_json::{Value, json};
 use shared::{Connection, Credentials, UserId};
@@ -248,15 +248,7 @@ async fn when_klaviyo_is_down_the_disconnect_succeeds_and_the_refresh_job_finish
     );
 
     // Klaviyo recovers; the next scheduled run finishes the job.
-    let cleared = http()
-        .delete(format!(
-            "{}/sandbox/faults?account={account}",
-            sandbox_url()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cleared.status(), 204);
+    e2e::clear_faults(&account).await;
     let summary = invoke_refresh().await;
     assert!(
         summary["revocations_finished"].as_u64().unwrap() >= 1,
@@ -499,12 +491,5 @@ async fn a_revocation_that_times_out_is_retried_then_deferred_without_failing_th
         "one retry after a timeout"
     );
     assert_eq!(pending_revocations(&id).await, 1);
-    http()
-        .delete(format!(
-            "{}/sandbox/faults?account={account}",
-            sandbox_url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    e2e::clear_faults(&account).await;
 }

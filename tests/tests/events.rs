@@ -287,14 +287,7 @@ async fn a_connection_whose_token_expired_unrefreshed_is_degraded_until_it_recov
     assert_eq!(detail_of(&degraded)["reason"], "refresh_failing");
 
     // Klaviyo answers again; the retry (brought forward from its backoff) succeeds.
-    e2e::http()
-        .delete(format!(
-            "{}/sandbox/faults?account={account}",
-            e2e::sandbox_url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    e2e::clear_faults(&account).await;
     due_now(&user, &id).await;
     invoke_refresh().await;
     let recovered = events.next("Connection Recovered", &mut taken).await;

@@ -341,12 +341,5 @@ async fn while_refreshes_back_off_a_test_adds_no_refresh_of_its_own() {
     );
     assert_eq!(refresh_grants(&account).await, grants);
     assert_eq!(stored(&user, &id).await, backing_off);
-    e2e::http()
-        .delete(format!(
-            "{}/sandbox/faults?account={account}",
-            sandbox_url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    e2e::clear_faults(&account).await;
 }
