@@ -90,14 +90,14 @@ def checks(request):
     body = _body(request)
     if service == "dynamodb":
         # DynamoDB Streams (signed as dynamodb): on the stream; an iterator names its stream
-        # (moto's iterators start with the stream's ARN); the streams of a table are listed
-        # on that table's streams.
+        # (moto's iterators start with the stream's ARN). ListStreams has no resource type in
+        # AWS: it falls through to `*`.
         if "StreamArn" in body:
             return [(request._action, body["StreamArn"], {})]
         if "ShardIterator" in body:
             return [(request._action, body["ShardIterator"].split("|")[0], {})]
-        if operation == "ListStreams" and "TableName" in body:
-            return [(request._action, _dynamodb_table(request, body["TableName"]) + "/stream/*", {})]
+        if operation == "ListStreams":
+            return [(request._action, "*", {})]
         if operation in ("TransactWriteItems", "TransactGetItems"):
             result = []
             for item in body.get("TransactItems", []):

@@ -109,10 +109,6 @@ class Pump:
         role = boto3.session.Session(profile_name=self.function)
         self.streams = role.client("dynamodbstreams")
         self.sqs = role.client("sqs")
-        # As Lambda checks when the mapping is created: the stream is the table's.
-        listed = self.streams.list_streams(TableName=os.environ["TABLE_NAME"])["Streams"]
-        if self.stream_arn not in [stream["StreamArn"] for stream in listed]:
-            sys.exit(f"{self.stream_arn} is not a stream of {os.environ['TABLE_NAME']}")
         self.positions = {}  # shard -> the last sequence number handed on
         self.known_shards = []
         self.shards_read_at = 0.0
