@@ -128,6 +128,22 @@ pub enum Outcome {
     Skipped,
 }
 
+/// A refresh's new access token and when it expires.
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    pub access_token: Secret,
+    pub expires_at: OffsetDateTime,
+}
+
+impl Fresh {
+    fn of(tokens: &TokenSet) -> Self {
+        Self {
+            access_token: tokens.access_token.clone(),
+            expires_at: tokens.expires_at,
+        }
+    }
+}
+
 /// Refreshes one connection under its lease. Shared by the job and `AccessTokens`.
 #[derive(Debug, Clone)]
 pub struct Refresher {
@@ -283,7 +299,7 @@ impl Refresher {
         connection: Connection,
         now: OffsetDateTime,
         owner: &str,
-    ) -> (Outcome, Option<Secret>) {
+    ) -> (Outcome, Option<Fresh>) {
         // One KMS call: the data key that opens the tokens also seals their successors.
         let (credentials, key) = match Credentials::open_with_key(&self.sealer, &connection).await {
             Ok(opened) => opened,
@@ -353,7 +369,7 @@ impl Refresher {
         key: &DataKey,
         now: OffsetDateTime,
         owner: &str,
-    ) -> (Outcome, Option<Secret>) {
+    ) -> (Outcome, Option<Fresh>) {
         let rotated = tokens
             .refresh_token
             .as_ref()
@@ -389,15 +405,15 @@ impl Refresher {
         updated.updated_at = now;
         updated.refresh_failures = 0;
         updated.degraded = false;
-        if let Some(scopes) = tokens.scopes {
-            updated.scopes = scopes;
+        if let Some(scopes) = &tokens.scopes {
+            updated.scopes = scopes.clone();
         }
         let mut attempt = 1;
         let failure = loop {
             match self.write_tokens(&updated, connection.version, owner).await {
                 Ok(()) => {
                     tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed");
-                    return (Outcome::Refreshed, Some(tokens.access_token));
+                    return (Outcome::Refreshed, Some(Fresh::of(&tokens)));
                 }
                 // Reconnected, disconnected or the lease lost meanwhile: these tokens belong
                 // to nobody.
@@ -422,7 +438,7 @@ impl Refresher {
         };
         if stored == Some(true) {
             tracing::info!(event = "token_refreshed", connection_id = %connection.id, rotated, "access token refreshed (stored though its answer was lost)");
-            return (Outcome::Refreshed, Some(tokens.access_token));
+            return (Outcome::Refreshed, Some(Fresh::of(&tokens)));
         }
         if let Some(e) = &failure {
             // Logged at error level: the alarm on refresh write failures counts these.
@@ -831,11 +847,19 @@ pub struct AccessTokens {
     margin: time::Duration,
 }
 
+/// A credential as handed out, and when it stops working (`None` for an API key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuedCredential {
+    pub credential: KlaviyoCredential,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
 impl AccessTokens {
     /// Tokens with less than two minutes left are refreshed before being handed out.
     pub const DEFAULT_MARGIN: time::Duration = time::Duration::minutes(2);
     const WAIT_FOR_OTHER_WORKER: Duration = Duration::from_millis(250);
-    const ATTEMPTS: u32 = 40;
+    /// How long to wait in all for another worker's refresh before answering unavailable.
+    pub const WAIT_IN_ALL: Duration = Duration::from_secs(10);
 
     pub fn new(env: &Environment, klaviyo: Klaviyo) -> Self {
         Self {
@@ -846,40 +870,66 @@ impl AccessTokens {
         }
     }
 
+    /// The credential to call Klaviyo with for a connection (reads it first).
     pub async fn for_connection(
         &self,
         user_id: &UserId,
         connection_id: &str,
     ) -> Result<KlaviyoCredential, AccessTokenError> {
-        let unavailable = |e: &dyn std::fmt::Display| AccessTokenError::Unavailable(e.to_string());
         let key = ConnectionKey {
             user_id: user_id.clone(),
             connection_id: connection_id.to_owned(),
         };
+        Ok(self.issue(&key, None).await?.credential)
+    }
+
+    /// Whether `connection`'s stored credential can be handed out as it is: an API key, or an
+    /// access token with at least the margin left.
+    pub fn usable_as_stored(&self, connection: &Connection, now: OffsetDateTime) -> bool {
+        connection.auth_type == AuthType::ApiKey
+            || connection
+                .access_token_expires_at
+                .is_some_and(|expires| expires > now + self.margin)
+    }
+
+    /// The credential for the connection `key` names, starting from `read` when the caller has
+    /// just read it (one read fewer), refreshing it first when its token is about to expire.
+    pub async fn issue(
+        &self,
+        key: &ConnectionKey,
+        mut read: Option<Connection>,
+    ) -> Result<IssuedCredential, AccessTokenError> {
+        let unavailable = |e: &dyn std::fmt::Display| AccessTokenError::Unavailable(e.to_string());
         let owner = format!("jit-{}", uuid::Uuid::new_v4());
-        for _ in 0..Self::ATTEMPTS {
-            let connection = match self.store.get_connection(user_id, connection_id).await {
-                Ok(connection) => connection,
-                Err(StoreError::NotFound) => return Err(AccessTokenError::NotFound),
-                Err(e) => return Err(unavailable(&e)),
+        let give_up = Instant::now() + Self::WAIT_IN_ALL;
+        while Instant::now() < give_up {
+            let connection = match read.take() {
+                Some(connection) => connection,
+                None => match self
+                    .store
+                    .get_connection(&key.user_id, &key.connection_id)
+                    .await
+                {
+                    Ok(connection) => connection,
+                    Err(StoreError::NotFound) => return Err(AccessTokenError::NotFound),
+                    Err(e) => return Err(unavailable(&e)),
+                },
             };
             if connection.status == ConnectionStatus::NeedsReauth {
                 return Err(AccessTokenError::NeedsReauth);
             }
             let now = OffsetDateTime::now_utc();
-            let expires_after = |margin| {
-                connection
-                    .access_token_expires_at
-                    .is_some_and(|expires| expires > now + margin)
-            };
             // Stored credentials are opened only when they are what is handed out; the
             // refresh path opens them itself (one KMS call either way).
-            if connection.auth_type == AuthType::ApiKey || expires_after(self.margin) {
+            if self.usable_as_stored(&connection, now) {
                 return self.stored(&connection).await;
             }
+            let still_valid = connection
+                .access_token_expires_at
+                .is_some_and(|expires| expires > now);
             match self
                 .store
-                .take_refresh_lease(&key, &owner, now, now + LEASE)
+                .take_refresh_lease(key, &owner, now, now + LEASE)
                 .await
             {
                 Ok(leased) if leased.version == connection.version => {
@@ -893,8 +943,11 @@ impl AccessTokens {
                     .await
                     .unwrap_or((Outcome::Failed, None));
                     match refreshed {
-                        (Outcome::Refreshed, Some(token)) => {
-                            return Ok(KlaviyoCredential::AccessToken(token));
+                        (Outcome::Refreshed, Some(fresh)) => {
+                            return Ok(IssuedCredential {
+                                credential: KlaviyoCredential::AccessToken(fresh.access_token),
+                                expires_at: Some(fresh.expires_at),
+                            });
                         }
                         (Outcome::NeedsReauth, _) => return Err(AccessTokenError::NeedsReauth),
                         // Klaviyo is having trouble: the current token still works until it
@@ -905,7 +958,7 @@ impl AccessTokens {
                             | Outcome::Refused
                             | Outcome::ClientRejected,
                             _,
-                        ) if expires_after(time::Duration::ZERO) => {
+                        ) if still_valid => {
                             return self.stored(&connection).await;
                         }
                         (
@@ -924,7 +977,7 @@ impl AccessTokens {
                 }
                 // Changed since we read it: read again.
                 Ok(_) => {
-                    let _ = self.store.release_refresh_lease(&key, &owner).await;
+                    let _ = self.store.release_refresh_lease(key, &owner).await;
                 }
                 // Another worker is refreshing it: wait for its result.
                 Err(StoreError::Conflict) => tokio::time::sleep(Self::WAIT_FOR_OTHER_WORKER).await,
@@ -936,18 +989,26 @@ impl AccessTokens {
             "the connection is busy being refreshed".into(),
         ))
     }
-}
 
-impl AccessTokens {
     /// The connection's stored credentials, as handed out (one KMS call).
-    async fn stored(&self, connection: &Connection) -> Result<KlaviyoCredential, AccessTokenError> {
-        match Credentials::open(&self.sealer, connection).await {
-            Ok(Credentials::ApiKey(key)) => Ok(KlaviyoCredential::ApiKey(key)),
+    pub async fn stored(
+        &self,
+        connection: &Connection,
+    ) -> Result<IssuedCredential, AccessTokenError> {
+        let credential = match Credentials::open(&self.sealer, connection).await {
+            Ok(Credentials::ApiKey(key)) => KlaviyoCredential::ApiKey(key),
             Ok(Credentials::OAuth { access_token, .. }) => {
-                Ok(KlaviyoCredential::AccessToken(access_token))
+                KlaviyoCredential::AccessToken(access_token)
             }
-            Err(e) => Err(AccessTokenError::Unavailable(e.to_string())),
-        }
+            Err(e) => return Err(AccessTokenError::Unavailable(e.to_string())),
+        };
+        Ok(IssuedCredential {
+            expires_at: match credential {
+                KlaviyoCredential::ApiKey(_) => None,
+                KlaviyoCredential::AccessToken(_) => connection.access_token_expires_at,
+            },
+            credential,
+        })
     }
 }
 

@@ -126,7 +126,7 @@ fn failed_conditions<R>(error: &SdkError<TransactWriteItemsError, R>) -> Option<
 }
 
 /// Where a connection lives, as the due index gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConnectionKey {
     pub user_id: UserId,
     pub connection_id: String,

@@ -228,7 +228,7 @@ impl Verifier {
                 .await
                 .unwrap_or((Outcome::Failed, None));
         let token: Secret = match refreshed {
-            (Outcome::Refreshed, Some(token)) => token,
+            (Outcome::Refreshed, Some(fresh)) => fresh.access_token,
             (Outcome::NeedsReauth, _) => return self.current(key).await,
             // Reconnected or disconnected meanwhile: nothing was tested.
             (Outcome::Skipped, _) => return self.untested(key).await,
