@@ -37,3 +37,5 @@ build-RefreshFunction:
 	scripts/lambda-artifact.sh refresh
 build-EventsFunction:
 	scripts/lambda-artifact.sh events
+build-TokenFunction:
+	scripts/lambda-artifact.sh token

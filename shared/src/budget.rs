@@ -176,6 +176,19 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
                 AWS * 3,
             )
             .step("inline revocation", INLINE_BUDGET),
+        // A credential: read the connection; at worst wait for another worker's refresh, then
+        // refresh it under the lease (or open the stored one: a KMS call, less).
+        "token" => Budget::new()
+            .step("read the connection", AWS)
+            .step(
+                "wait while another worker refreshes it (reads and lease attempts)",
+                crate::refresh::AccessTokens::WAIT_IN_ALL + AWS * 2,
+            )
+            .step("read again and take the lease", AWS * 2)
+            .step(
+                "the token refreshed under the lease",
+                refresh_item().total(),
+            ),
         // One PutEvents call (a batch of ten changes makes at most ten events), its failed
         // entries tried again twice with pauses of 0.2 and 0.4 s.
         "events" => Budget::new().step(

@@ -1,7 +1,7 @@
 //! klaviyo-connect's core: everything the Lambda functions do, so that each binary is
 //! a few lines. Infrastructure modules (`config`, `context`, `auth`, `crypto`, `store`,
 //! `http`, `telemetry`) serve one module per use case (`connect`, `callback`, `complete`,
-//! `accounts`, `disconnect`, `verify`, `refresh`, `events`), which is where a request goes.
+//! `accounts`, `disconnect`, `verify`, `refresh`, `token`, `events`), which is where a request goes.
 
 pub mod accounts;
 pub mod auth;
@@ -23,6 +23,7 @@ pub mod revocation;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod token;
 pub mod verify;
 
 pub use auth::{JwtVerifier, UserId};

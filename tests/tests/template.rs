@@ -804,3 +804,43 @@ fn webhooks_are_delivered_by_eventbridge_with_a_secret_header_retries_and_a_dead
         assert_eq!(pattern.is_match(url), ok, "{url}");
     }
 }
+
+/// The token function is for the host app's services, invoked with IAM: nothing routes HTTP to
+/// it or lets another service invoke it, and the managed policy host services attach grants
+/// exactly that invocation; its ARN and the policy's are outputs.
+#[test]
+fn the_token_function_is_invoked_with_iam_only() {
+    for (id, resource) in resources() {
+        let properties = &resource["Properties"];
+        let target = match resource["Type"].as_str().unwrap() {
+            "AWS::ApiGatewayV2::Integration" => &properties["IntegrationUri"],
+            "AWS::Lambda::Permission" => &properties["FunctionName"],
+            _ => continue,
+        };
+        assert_ne!(
+            names_resource(target).as_deref(),
+            Some("TokenFunction"),
+            "{id:?} exposes the token function"
+        );
+    }
+    assert!(resources()["TokenFunction"]["Properties"]["Events"].is_null());
+    let policy = &resources()["TokenInvokePolicy"];
+    assert_eq!(policy["Type"], "AWS::IAM::ManagedPolicy");
+    let statements = list(&policy["Properties"]["PolicyDocument"]["Statement"]);
+    assert_eq!(statements.len(), 1);
+    assert_eq!(statements[0]["Effect"], "Allow");
+    assert_eq!(statements[0]["Action"], "lambda:InvokeFunction");
+    assert_eq!(
+        names_resource(&statements[0]["Resource"]).as_deref(),
+        Some("TokenFunction")
+    );
+    let outputs = &TEMPLATE["Outputs"];
+    assert_eq!(
+        names_resource(&outputs["TokenFunctionArn"]["Value"]).as_deref(),
+        Some("TokenFunction")
+    );
+    assert_eq!(
+        names_resource(&outputs["TokenInvokePolicyArn"]["Value"]).as_deref(),
+        Some("TokenInvokePolicy")
+    );
+}

@@ -1,0 +1,224 @@
+//! The `token` function (credentials for the host app's own services), invoked as host services
+//! invoke it (the Lambda Invoke API, locally `cargo lambda watch`'s), against moto and the
+//! Klaviyo sandbox: what it answers, what Klaviyo received, what it costs a warm container.
+
+use e2e::fault_proxy::{Failure, Matcher, Stage};
+use e2e::lambda::Outcome;
+use e2e::{
+    connect_api_key, connect_due, connected_id, environment, inject_fault, klaviyo_account,
+    refresh_grants, register_api_key, remove_app, stored, time_of, token_for, unique,
+};
+use serde_json::{Value, json};
+use shared::Credentials;
+use time::OffsetDateTime;
+
+/// Invokes the token function as a host service does, with any request.
+async fn credential(request: Value) -> Value {
+    let response = e2e::http()
+        .post(format!(
+            "{}/2015-03-31/functions/token/invocations",
+            e2e::api_url()
+        ))
+        .json(&request)
+        .send()
+        .await
+        .expect("the token function is served");
+    assert_eq!(response.status(), 200, "answers, never function errors");
+    assert!(response.headers().get("x-amz-function-error").is_none());
+    response.json().await.expect("JSON")
+}
+
+async fn for_connection(user: &str, id: &str) -> Value {
+    credential(json!({"userId": user, "connectionId": id})).await
+}
+
+/// The stored access token of an OAuth connection.
+async fn stored_access_token(user: &str, id: &str) -> String {
+    match Credentials::open(&environment().await.sealer(), &stored(user, id).await)
+        .await
+        .unwrap()
+    {
+        Credentials::OAuth { access_token, .. } => access_token.expose().to_owned(),
+        other => panic!("OAuth tokens expected, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_oauth_connection_gets_its_stored_access_token_with_its_expiry() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+
+    let answer = for_connection(&user, &id).await;
+    assert_eq!(
+        answer["authorization"],
+        format!("Bearer {}", stored_access_token(&user, &id).await)
+    );
+    assert_eq!(answer["authType"], "oauth");
+    assert_eq!(answer["klaviyoAccountId"], account.as_str());
+    let expires = time_of(&answer["expiresAt"]);
+    assert!(expires > OffsetDateTime::now_utc() + time::Duration::minutes(2));
+    assert_eq!(
+        Some(expires),
+        stored(&user, &id).await.access_token_expires_at
+    );
+    assert_eq!(refresh_grants(&account).await, 0, "no refresh needed");
+    // The answer works at Klaviyo's accounts endpoint.
+    let accounts = e2e::http()
+        .get(format!("{}/api/accounts/", e2e::sandbox_url()))
+        .header("authorization", answer["authorization"].as_str().unwrap())
+        .header("revision", "2025-10-15")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accounts.status(), 200);
+}
+
+#[tokio::test]
+async fn an_api_key_connection_gets_its_key_and_no_expiry() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let key = register_api_key(&account).await;
+    let (status, body) = connect_api_key(&token, &json!({"apiKey": key})).await;
+    assert_eq!(status, 201);
+    let id = body["account"]["id"].as_str().unwrap();
+
+    let answer = for_connection(&user, id).await;
+    assert_eq!(answer["authorization"], format!("Klaviyo-API-Key {key}"));
+    assert_eq!(answer["authType"], "api_key");
+    assert_eq!(answer["klaviyoAccountId"], account.as_str());
+    assert!(answer["expiresAt"].is_null());
+}
+
+#[tokio::test]
+async fn a_token_with_less_than_two_minutes_left_is_refreshed_first() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connect_due(&token, &account).await;
+    let before = stored(&user, &id).await;
+
+    let answer = for_connection(&user, &id).await;
+    assert_eq!(refresh_grants(&account).await, 1, "refreshed just in time");
+    let after = stored(&user, &id).await;
+    assert!(after.access_token_expires_at > before.access_token_expires_at);
+    assert_eq!(
+        answer["authorization"],
+        format!("Bearer {}", stored_access_token(&user, &id).await),
+        "the new token, as stored"
+    );
+    assert_eq!(
+        Some(time_of(&answer["expiresAt"])),
+        after.access_token_expires_at
+    );
+    // Asked again: the stored one, no second refresh.
+    let again = for_connection(&user, &id).await;
+    assert_eq!(again["authorization"], answer["authorization"]);
+    assert_eq!(refresh_grants(&account).await, 1);
+}
+
+#[tokio::test]
+async fn errors_are_answers_in_one_shape() {
+    let owner = unique("user");
+    let token = token_for(&owner).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+    let stranger = unique("user");
+    for (request, code) in [
+        (json!({"userId": stranger, "connectionId": id}), "not_found"),
+        (
+            json!({"userId": owner, "connectionId": uuid::Uuid::new_v4().to_string()}),
+            "not_found",
+        ),
+        (
+            json!({"userId": owner, "connectionId": "not-a-uuid"}),
+            "not_found",
+        ),
+        (json!({"userId": owner}), "invalid_request"),
+        (json!({"userId": "", "connectionId": id}), "invalid_request"),
+        (
+            json!({"userId": owner, "connectionId": id, "extra": 1}),
+            "invalid_request",
+        ),
+        (json!("just a string"), "invalid_request"),
+    ] {
+        let answer = credential(request.clone()).await;
+        assert_eq!(answer["error"]["code"], code, "{request}: {answer}");
+        assert!(answer["error"]["message"].is_string());
+        assert!(answer.get("authorization").is_none());
+    }
+
+    // The user removed the app in Klaviyo: once the refresh finds out, needs_reauth.
+    remove_app(&account).await;
+    let (status, _) = e2e::verify(&token, &id).await;
+    assert_eq!(status, 200);
+    let answer = for_connection(&owner, &id).await;
+    assert_eq!(answer["error"]["code"], "needs_reauth", "{answer}");
+}
+
+#[tokio::test]
+async fn with_klaviyo_down_a_token_that_still_works_is_handed_out_and_an_expired_one_is_not() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connect_due(&token, &account).await;
+    inject_fault(json!({"endpoint": "token", "kind": "status", "status": 503, "account": account}))
+        .await;
+    // A minute left: the refresh fails, the stored token still works for that minute.
+    let answer = for_connection(&user, &id).await;
+    assert_eq!(
+        answer["authorization"],
+        format!("Bearer {}", stored_access_token(&user, &id).await),
+        "{answer}"
+    );
+    e2e::clear_faults(&account).await;
+}
+
+/// A warm container hands out what it opened while the stored version is unchanged: one
+/// DynamoDB read and no KMS call. Shown with KMS failing under a function process of its own:
+/// the second request still succeeds; a change to the connection makes it open again.
+#[tokio::test]
+async fn a_warm_container_hands_out_what_it_opened_without_kms_until_the_connection_changes() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+    let stage = Stage::new().await;
+    let function = stage.function("token").await;
+    let ask = || function.invoke(json!({"userId": user, "connectionId": id}));
+    let answered = |outcome: Outcome| match outcome {
+        Outcome::Response(answer) => answer,
+        Outcome::Error(error) => panic!("a function error: {error}"),
+    };
+
+    let first = answered(ask().await);
+    assert!(first["authorization"].is_string(), "{first}");
+    const KMS: Matcher = Matcher::AwsTarget("TrentService.");
+    stage.inject(KMS, Failure::ServerError).await;
+    let kept = answered(ask().await);
+    assert_eq!(kept, first, "handed out again without KMS");
+
+    // The connection changes (a refresh writes new tokens): opened again, which needs KMS.
+    e2e::set_token_lifetime(&account, 3600).await;
+    let mut changed = stored(&user, &id).await;
+    changed.access_token_expires_at = Some(OffsetDateTime::now_utc() + time::Duration::minutes(50));
+    let version = changed.version;
+    environment()
+        .await
+        .store()
+        .update_connection_if_version(&changed, version)
+        .await
+        .unwrap();
+    let refused = answered(ask().await);
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    stage.clear(KMS).await;
+    let reopened = answered(ask().await);
+    assert_eq!(reopened["authorization"], first["authorization"]);
+    assert_eq!(
+        Some(time_of(&reopened["expiresAt"])),
+        changed.access_token_expires_at,
+        "what is stored now"
+    );
+}
