@@ -93,6 +93,9 @@ scripts/fuzz.sh 25 90
 step "The settings page in Chromium (playwright-core)"
 scripts/browser-test.sh
 
+step "The host-service examples (Python, Node) get credentials from the token function"
+scripts/host-examples.sh
+
 step "The deploy check (make check-deployed) against the local stack"
 .venv/bin/python scripts/check_deployed.py --api-url "$LOCAL_API_URL" --jwt-secret-arn "$JWT_SECRET_ARN" \
   --frontend-url "$FRONTEND_URL" --issuer "$JWT_ISSUER" --audience "$JWT_AUDIENCE"
