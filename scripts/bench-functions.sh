@@ -12,7 +12,7 @@ n="${1:-1000}"
 
 scripts/venv.sh
 echo "Building the release binaries..." >&2
-cargo build -q --release -p connect -p callback -p accounts -p disconnect -p refresh >&2
+cargo build -q --release -p connect -p callback -p accounts -p disconnect -p refresh -p token >&2
 echo "Building the benchmark..." >&2
 cargo bench -q -p e2e --bench functions --no-run >&2 2>/dev/null || cargo bench -p e2e --bench functions --no-run >&2
 

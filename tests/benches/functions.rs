@@ -173,8 +173,15 @@ async fn measure(
     let rss_kb = lambda.pid().map(peak_rss_kb).unwrap_or(0);
     let mut statuses = BTreeMap::new();
     for answer in &answers {
-        // A scheduled run answers its summary, not an HTTP response.
-        let status = answer["statusCode"].as_u64().unwrap_or(200);
+        // A scheduled run answers its summary, the token function a credential or an error:
+        // not HTTP responses.
+        let status = answer["statusCode"]
+            .as_u64()
+            .unwrap_or(if answer.get("error").is_some() {
+                500
+            } else {
+                200
+            });
         *statuses.entry(status).or_default() += 1;
     }
     (
@@ -245,7 +252,7 @@ fn print(rows: &[Row]) {
             if row.name.starts_with("floor") {
                 "–".to_owned()
             } else {
-                zip_mb(row.name)
+                zip_mb(row.name.split([',', ':']).next().unwrap_or(row.name))
             },
             answers.join(", "),
         );
@@ -326,6 +333,30 @@ async fn main() {
     }
     rows.push(row);
 
+    // complete: each user's page completes the parked result with the user's session (the
+    // callback connects nobody by itself), which makes the connections measured below.
+    let completes: Vec<ApiRequest> = answers
+        .iter()
+        .zip(&started)
+        .filter_map(|(answer, (_, token))| {
+            let location = answer["headers"]["location"].as_str()?;
+            let address = url::Url::parse(location).ok()?;
+            let handle = address
+                .query_pairs()
+                .find(|(name, _)| name == "completion")?
+                .1
+                .into_owned();
+            Some(
+                ApiRequest::new("POST", "/api/oauth/connect/klaviyo/complete")
+                    .bearer(token)
+                    .json(&serde_json::json!({ "completion": handle })),
+            )
+        })
+        .collect();
+    let (mut row, _) = measure("connect", &proxies, &completes).await;
+    row.name = "connect: complete";
+    rows.push(row);
+
     // accounts: the same user's list, again and again.
     let list: Vec<ApiRequest> = (0..=n)
         .map(|_| ApiRequest::new("GET", "/api/oauth/accounts").bearer(&tokens[0]))
@@ -341,6 +372,31 @@ async fn main() {
         .collect();
     let (mut row, _) = measure("accounts", &proxies, &refused).await;
     row.name = "floor: accounts, 401";
+    rows.push(row);
+
+    // token: a host service asking for one connection again and again (after the first, a warm
+    // container hands out what it opened: the target is one read and no KMS call), then for a
+    // different connection each time (each opened once: a read and a KMS call).
+    let connection_of = |user: &str, account: &str| {
+        serde_json::json!({
+            "userId": user,
+            "connectionId": Connection::id_for(&UserId::parse(user).unwrap(), account),
+        })
+    };
+    let (first_user, _) = started[0];
+    let same: Vec<ApiRequest> = (0..=n)
+        .map(|_| ApiRequest::raw(connection_of(first_user, &accounts[0])))
+        .collect();
+    let (mut row, _) = measure("token", &proxies, &same).await;
+    row.name = "token, one connection (kept)";
+    rows.push(row);
+    let each: Vec<ApiRequest> = started
+        .iter()
+        .zip(&accounts)
+        .map(|((user, _), account)| ApiRequest::raw(connection_of(user, account)))
+        .collect();
+    let (mut row, _) = measure("token", &proxies, &each).await;
+    row.name = "token, a new connection each time";
     rows.push(row);
 
     // disconnect: every connection made above (each revoked at the sandbox).
