@@ -9,21 +9,25 @@
 //! `unavailable` or `invalid_request`.
 //!
 //! Every request reads the connection once (a strongly consistent GetItem). A warm container
-//! keeps what it opened, with the `version` it was stored at: while the stored version is
-//! unchanged and the token has its margin left, it is handed out again without KMS. Any write
-//! to the connection (a refresh, a reconnect, needs_reauth) changes the version, so nothing
-//! stale is ever handed out.
+//! keeps what it opened, with the sealed blob it opened it from: while the stored blob is that
+//! very blob (every seal has a fresh nonce and data key, so new credentials never seal to the
+//! same bytes) and the token has its margin left, it is handed out again without KMS. Not the
+//! `version`: a disconnect and a reconnect start the same connection id at the same version
+//! with new credentials.
 
 use crate::auth::UserId;
 use crate::context::{Environment, InitError};
-use crate::model::ConnectionStatus;
+use crate::crypto::SealedBlob;
+use crate::model::{Connection, ConnectionStatus};
 use crate::refresh::{AccessTokenError, AccessTokens, IssuedCredential, KlaviyoCredential};
 use crate::store::{ConnectionKey, Store, StoreError};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use time::OffsetDateTime;
+use tokio::sync::OnceCell;
 
 /// Credentials a container keeps at most (a map cleared when full: a few hundred bytes each).
 const CACHE_ENTRIES: usize = 10_000;
@@ -35,16 +39,16 @@ struct TokenRequest {
     connection_id: String,
 }
 
-/// A credential as opened from the stored connection at `version`.
+/// A credential as opened from the stored connection's `sealed` blob.
 struct Kept {
-    version: u64,
+    sealed: SealedBlob,
     issued: IssuedCredential,
 }
 
 /// Where a handed-out credential came from (logged; the cost model counts them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// Opened earlier by this container, the stored version unchanged: no KMS call.
+    /// Opened earlier by this container from the blob still stored: no KMS call.
     Kept,
     /// Opened from the stored connection: one KMS call.
     Stored,
@@ -77,28 +81,45 @@ impl TokenError {
 }
 
 pub struct Tokens {
+    env: Environment,
     store: Store,
-    access: AccessTokens,
+    /// Built at start-up when the client secret can be read, otherwise by the first request
+    /// that can (until then: `unavailable` answers, not a container that cannot start).
+    access: OnceCell<AccessTokens>,
     kept: Mutex<HashMap<ConnectionKey, Kept>>,
 }
 
 impl Tokens {
     pub async fn from_env() -> Result<Self, InitError> {
         let env = Environment::load().await?;
-        let klaviyo = env.klaviyo().await?;
-        Ok(Self::new(&env, AccessTokens::new(&env, klaviyo)))
-    }
-
-    pub fn new(env: &Environment, access: AccessTokens) -> Self {
-        Self {
+        let tokens = Self {
             store: env.store(),
-            access,
+            env,
+            access: OnceCell::new(),
             kept: Mutex::new(HashMap::new()),
-        }
+        };
+        // Built now so that warm requests never wait; a failure is logged and retried later.
+        let _ = tokens.access().await;
+        Ok(tokens)
     }
 
-    /// One invocation: the answer the caller gets, a credential or an error.
-    pub async fn answer(&self, request: Value) -> Value {
+    async fn access(&self) -> Result<&AccessTokens, TokenError> {
+        self.access
+            .get_or_try_init(|| async {
+                let klaviyo = self.env.klaviyo().await?;
+                Ok::<_, InitError>(AccessTokens::new(&self.env, klaviyo))
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "the token function cannot start its work yet");
+                TokenError::Unavailable
+            })
+    }
+
+    /// One invocation: the answer the caller gets, a credential or an error. The payload is
+    /// taken raw, so that anything at all is an answer (and never a tree built from megabytes
+    /// of input).
+    pub async fn answer(&self, request: &RawValue) -> Value {
         match self.handle(request).await {
             Ok((key, issued, account, source)) => {
                 tracing::info!(event = "credential_issued", user_id = %key.user_id, connection_id = %key.connection_id, source = ?source, "credential handed out");
@@ -128,9 +149,9 @@ impl Tokens {
 
     async fn handle(
         &self,
-        request: Value,
+        request: &RawValue,
     ) -> Result<(ConnectionKey, IssuedCredential, String, Source), TokenError> {
-        let request: TokenRequest = serde_json::from_value(request).map_err(|_| {
+        let request: TokenRequest = serde_json::from_str(request.get()).map_err(|_| {
             TokenError::InvalidRequest(
                 "the request must be {\"userId\": \"…\", \"connectionId\": \"…\"} and nothing else",
             )
@@ -138,13 +159,14 @@ impl Tokens {
         let user_id = UserId::parse(&request.user_id).ok_or(TokenError::InvalidRequest(
             "userId must be 1-256 characters",
         ))?;
-        // Connection ids are UUIDs; anything else cannot exist.
-        if uuid::Uuid::try_parse(&request.connection_id).is_err() {
-            return Err(TokenError::NotFound);
-        }
+        // Connection ids are UUIDs (as the list shows them); anything else cannot exist.
+        let connection_id = uuid::Uuid::try_parse(&request.connection_id)
+            .map_err(|_| TokenError::NotFound)?
+            .hyphenated()
+            .to_string();
         let key = ConnectionKey {
             user_id,
-            connection_id: request.connection_id.to_ascii_lowercase(),
+            connection_id,
         };
         let connection = match self
             .store
@@ -167,39 +189,47 @@ impl Tokens {
         }
         let account = connection.klaviyo_account_id.clone();
         let now = OffsetDateTime::now_utc();
-        if self.access.usable_as_stored(&connection, now) {
-            if let Some(issued) = self.kept(&key, connection.version) {
+        let access = self.access().await?;
+        if access.usable_as_stored(&connection, now) {
+            if let Some(issued) = self.kept(&key, &connection) {
                 return Ok((key, issued, account, Source::Kept));
             }
-            let version = connection.version;
-            let issued = self.access.stored(&connection).await.map_err(refused)?;
-            self.keep(&key, version, &issued);
+            let issued = access.stored(&connection).await.map_err(refused)?;
+            self.keep(&key, &connection.credentials, &issued);
             return Ok((key, issued, account, Source::Stored));
         }
-        let issued = self
-            .access
+        let issued = access
             .issue(&key, Some(connection))
             .await
             .map_err(refused)?;
         Ok((key, issued, account, Source::Refreshed))
     }
 
-    fn kept(&self, key: &ConnectionKey, version: u64) -> Option<IssuedCredential> {
+    /// What this container opened from exactly what `connection` stores now.
+    fn kept(&self, key: &ConnectionKey, connection: &Connection) -> Option<IssuedCredential> {
         let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         kept.get(key)
-            .filter(|k| k.version == version)
+            .filter(|k| {
+                k.sealed == connection.credentials
+                    && k.issued.expires_at == connection.access_token_expires_at
+            })
             .map(|k| k.issued.clone())
     }
 
-    fn keep(&self, key: &ConnectionKey, version: u64, issued: &IssuedCredential) {
+    fn keep(&self, key: &ConnectionKey, sealed: &SealedBlob, issued: &IssuedCredential) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         if kept.len() >= CACHE_ENTRIES && !kept.contains_key(key) {
-            kept.clear();
+            // Expired tokens first; if that is not enough, start over.
+            let now = OffsetDateTime::now_utc();
+            kept.retain(|_, k| k.issued.expires_at.is_none_or(|expires| expires > now));
+            if kept.len() >= CACHE_ENTRIES {
+                kept.clear();
+            }
         }
         kept.insert(
             key.clone(),
             Kept {
-                version,
+                sealed: sealed.clone(),
                 issued: issued.clone(),
             },
         );

@@ -844,3 +844,19 @@ fn the_token_function_is_invoked_with_iam_only() {
         Some("TokenInvokePolicy")
     );
 }
+
+/// Every function's errors (crashes, timeouts, failed runs) page someone.
+#[test]
+fn every_function_has_an_errors_alarm() {
+    for (id, _, _) in functions() {
+        let alarmed = resources().values().any(|r| {
+            r["Type"] == "AWS::CloudWatch::Alarm"
+                && r["Properties"]["Namespace"] == "AWS/Lambda"
+                && r["Properties"]["MetricName"] == "Errors"
+                && list(&r["Properties"]["Dimensions"])
+                    .iter()
+                    .any(|d| names_resource(&d["Value"]).as_deref() == Some(id.as_str()))
+        });
+        assert!(alarmed, "{id} has no alarm on its Errors metric");
+    }
+}

@@ -143,6 +143,7 @@ async fn errors_are_answers_in_one_shape() {
             "invalid_request",
         ),
         (json!("just a string"), "invalid_request"),
+        (json!(vec![0; 500_000]), "invalid_request"),
     ] {
         let answer = credential(request.clone()).await;
         assert_eq!(answer["error"]["code"], code, "{request}: {answer}");
@@ -159,7 +160,8 @@ async fn errors_are_answers_in_one_shape() {
 }
 
 #[tokio::test]
-async fn with_klaviyo_down_a_token_that_still_works_is_handed_out_and_an_expired_one_is_not() {
+async fn with_klaviyo_down_a_token_that_still_works_is_handed_out_and_refreshes_wait_for_the_backoff()
+ {
     let user = unique("user");
     let token = token_for(&user).await;
     let account = klaviyo_account();
@@ -173,7 +175,29 @@ async fn with_klaviyo_down_a_token_that_still_works_is_handed_out_and_an_expired
         format!("Bearer {}", stored_access_token(&user, &id).await),
         "{answer}"
     );
+    let grants = refresh_grants(&account).await;
+    assert!(grants >= 1);
+    assert_eq!(stored(&user, &id).await.refresh_failures, 1, "backing off");
+    // Asked again during the backoff: the same token, and Klaviyo is not asked again.
+    assert_eq!(for_connection(&user, &id).await, answer);
+    assert_eq!(refresh_grants(&account).await, grants);
     e2e::clear_faults(&account).await;
+
+    // Expired and still backing off: unavailable at once, without asking Klaviyo.
+    let mut expired = stored(&user, &id).await;
+    expired.access_token_expires_at = Some(OffsetDateTime::now_utc() - time::Duration::seconds(1));
+    let version = expired.version;
+    environment()
+        .await
+        .store()
+        .update_connection_if_version(&expired, version)
+        .await
+        .unwrap();
+    assert_eq!(
+        for_connection(&user, &id).await["error"]["code"],
+        "unavailable"
+    );
+    assert_eq!(refresh_grants(&account).await, grants);
 }
 
 /// A warm container hands out what it opened while the stored version is unchanged: one
@@ -220,5 +244,40 @@ async fn a_warm_container_hands_out_what_it_opened_without_kms_until_the_connect
         Some(time_of(&reopened["expiresAt"])),
         changed.access_token_expires_at,
         "what is stored now"
+    );
+}
+
+/// A disconnect and a reconnect start the same connection id over (the same version number)
+/// with new credentials: what a warm container kept from before is never handed out.
+#[tokio::test]
+async fn after_a_disconnect_and_a_reconnect_the_new_credential_is_handed_out() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let old_key = register_api_key(&account).await;
+    let (status, body) = connect_api_key(&token, &json!({"apiKey": old_key})).await;
+    assert_eq!(status, 201);
+    let id = body["account"]["id"].as_str().unwrap().to_owned();
+    let version = stored(&user, &id).await.version;
+    assert_eq!(
+        for_connection(&user, &id).await["authorization"],
+        format!("Klaviyo-API-Key {old_key}")
+    );
+
+    let (status, _) = e2e::disconnect(&token, &id).await;
+    assert_eq!(status, 200);
+    // (Not asked in between: a not_found answer would make the container forget it anyway.)
+    let new_key = register_api_key(&account).await;
+    let (status, body) = connect_api_key(&token, &json!({"apiKey": new_key})).await;
+    assert_eq!(status, 201);
+    assert_eq!(body["account"]["id"], id.as_str(), "the same connection id");
+    assert_eq!(
+        stored(&user, &id).await.version,
+        version,
+        "and the same version"
+    );
+    assert_eq!(
+        for_connection(&user, &id).await["authorization"],
+        format!("Klaviyo-API-Key {new_key}")
     );
 }

@@ -1,4 +1,5 @@
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use serde_json::value::RawValue;
 use shared::token::Tokens;
 
 #[tokio::main(flavor = "current_thread")]
@@ -6,10 +7,10 @@ async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let tokens = Tokens::from_env().await?;
     let tokens = &tokens;
-    run(service_fn(
-        |event: LambdaEvent<serde_json::Value>| async move {
-            Ok::<_, Error>(tokens.answer(event.payload).await)
-        },
-    ))
+    // Raw: whatever a caller sends is answered (an invalid_request at worst), never turned
+    // into a function error or a tree of megabytes.
+    run(service_fn(|event: LambdaEvent<Box<RawValue>>| async move {
+        Ok::<_, Error>(tokens.answer(&event.payload).await)
+    }))
     .await
 }
