@@ -22,13 +22,7 @@ fi
 export CHROMIUM="$chromium"
 
 browser="$root/tests/browser"
-stamp="$browser/node_modules/.package-lock.sha256"
-want="$(sha256sum "$browser/package-lock.json" | cut -d' ' -f1)"
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "Installing playwright-core (npm ci)..." >&2
-  (cd "$browser" && npm ci --no-audit --no-fund --loglevel=error >&2)
-  echo "$want" > "$stamp"
-fi
+"$root/scripts/npm-ci.sh" "$browser"
 
 if [[ -z "${FRONTEND_URL:-}" || -z "${LOCAL_API_URL:-}" ]]; then
   eval "$(scripts/local-stack.sh env)"

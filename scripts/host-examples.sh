@@ -13,13 +13,7 @@ if [[ -z "${LOCAL_API_URL:-}" || -z "${KLAVIYO_SANDBOX_URL:-}" ]]; then
 fi
 
 node_dir="$root/examples/host-services/node"
-stamp="$node_dir/node_modules/.package-lock.sha256"
-want="$(sha256sum "$node_dir/package-lock.json" | cut -d' ' -f1)"
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "Installing the Node example's dependencies (npm ci)..." >&2
-  (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error >&2)
-  echo "$want" > "$stamp"
-fi
+scripts/npm-ci.sh "$node_dir"
 
 fail() { echo "host-service examples: $*" >&2; exit 1; }
 suffix="$("$root/.venv/bin/python" -c 'import uuid; print(uuid.uuid4().hex[:12])')"
