@@ -282,6 +282,7 @@ impl Callback {
             degraded: false,
             // The account was just read with these tokens.
             last_verified_at: Some(now),
+            last_used_at: None,
             credentials: sealed,
             version: 0,
         };

@@ -192,6 +192,7 @@ impl Connect {
             status_reason: None,
             degraded: false,
             last_verified_at: Some(now),
+            last_used_at: None,
             credentials: sealed,
             version: 0,
         };

@@ -32,6 +32,8 @@ pub const KEY_CHECK_INTERVAL: time::Duration = time::Duration::days(1);
 /// last one: runs every few minutes start each check a little after its time, so the next
 /// day's time is still ahead, and no key is checked twice within this span.
 pub const KEY_CHECK_MIN_GAP: time::Duration = time::Duration::hours(23);
+/// A connection's use is recorded at most this often.
+pub const USE_RECORDED_EVERY: time::Duration = time::Duration::hours(1);
 /// Default and limits of the user's label for a connection.
 pub const DEFAULT_ACCOUNT_NAME: &str = "Klaviyo";
 pub const MAX_ACCOUNT_NAME_CHARS: usize = 100;
@@ -117,6 +119,9 @@ pub struct Connection {
     /// When Klaviyo's accounts endpoint last accepted the credential (connect, "Test
     /// connection", the daily check of an API key).
     pub last_verified_at: Option<OffsetDateTime>,
+    /// When a credential for it was last handed out to a host service (the token function),
+    /// to the hour: written at most once an hour.
+    pub last_used_at: Option<OffsetDateTime>,
     /// Tokens or API key, sealed to (user id, connection id, purpose).
     pub credentials: SealedBlob,
     /// Incremented by every write; conditional writes compare it.
@@ -434,6 +439,7 @@ pub(crate) fn sample_connection(at: OffsetDateTime) -> Connection {
         status_reason: None,
         degraded: false,
         last_verified_at: None,
+        last_used_at: None,
         credentials: SealedBlob::from_bytes(b"sealed-secret-bytes".to_vec()),
         version: 1,
     }

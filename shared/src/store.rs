@@ -715,6 +715,48 @@ impl Store {
         }
     }
 
+    /// Records that a credential of the connection was handed out at `now`, unless that was
+    /// recorded less than `every` ago: one conditional UpdateItem of that attribute alone, which
+    /// leaves `version` and the lease as they are (nothing about the credentials changes).
+    /// `Ok(false)` when it was recent enough already (or the connection is gone).
+    pub async fn record_use(
+        &self,
+        key: &ConnectionKey,
+        now: OffsetDateTime,
+        every: time::Duration,
+    ) -> Result<bool, StoreError> {
+        // Whole seconds in UTC: every stored value has the same length, so the string
+        // comparison of the condition is the chronological one.
+        let text = |at: OffsetDateTime| {
+            at.to_offset(time::UtcOffset::UTC)
+                .replace_nanosecond(0)
+                .map_err(corrupt)?
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(corrupt)
+        };
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self::key(
+                user_pk(&key.user_id),
+                connection_sk(&key.connection_id),
+            )))
+            .update_expression("SET last_used_at = :now")
+            .condition_expression(
+                "attribute_exists(pk) AND (attribute_not_exists(last_used_at) OR last_used_at < :since)",
+            )
+            .expression_attribute_values(":now", AttributeValue::S(text(now)?))
+            .expression_attribute_values(":since", AttributeValue::S(text(now - every)?))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Gives a lease back early (when a worker decides not to refresh after all).
     pub async fn release_refresh_lease(
         &self,
@@ -1095,6 +1137,12 @@ struct ConnectionRecord {
         skip_serializing_if = "Option::is_none"
     )]
     last_verified_at: Option<OffsetDateTime>,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    last_used_at: Option<OffsetDateTime>,
     #[serde(with = "serde_bytes")]
     credentials: Vec<u8>,
     version: u64,
@@ -1102,9 +1150,10 @@ struct ConnectionRecord {
 
 /// Attributes a connection may lack; a write that leaves them unset removes them. The
 /// lease is never part of a record, so every full write also releases it.
-const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 9] = [
+const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 10] = [
     "last_refreshed_at",
     "last_verified_at",
+    "last_used_at",
     "access_token_expires_at",
     "status_reason",
     "degraded",
@@ -1138,6 +1187,7 @@ impl From<&Connection> for ConnectionRecord {
             status_reason: c.status_reason,
             degraded: c.degraded,
             last_verified_at: c.last_verified_at,
+            last_used_at: c.last_used_at,
             credentials: c.credentials.as_bytes().to_vec(),
             version: c.version,
         }
@@ -1261,6 +1311,7 @@ impl TryFrom<ParkedRecord> for ParkedConnection {
             degraded: false,
             // The callback read the account with these tokens.
             last_verified_at: Some(revocation.created_at),
+            last_used_at: None,
             credentials: revocation.credentials,
             version: 0,
         };
@@ -1319,6 +1370,7 @@ fn record_to_connection(r: ConnectionRecord) -> Result<Connection, StoreError> {
         status_reason: r.status_reason,
         degraded: r.degraded,
         last_verified_at: r.last_verified_at,
+        last_used_at: r.last_used_at,
         credentials: SealedBlob::from_bytes(r.credentials),
         version: r.version,
     })

@@ -8,7 +8,9 @@
 //! not function failures: `{"error":{"code","message"}}` with `not_found`, `needs_reauth`,
 //! `unavailable` or `invalid_request`.
 //!
-//! Every request reads the connection once (a strongly consistent GetItem). A warm container
+//! Every request reads the connection once (a strongly consistent GetItem), and records the
+//! use (`last_used_at`, at most once an hour: a conditional UpdateItem of that attribute
+//! alone, which changes neither the version nor the credentials). A warm container
 //! keeps what it opened, with the sealed blob it opened it from: while the stored blob is that
 //! very blob (every seal has a fresh nonce and data key, so new credentials never seal to the
 //! same bytes) and the token has its margin left, it is handed out again without KMS. Not the
@@ -18,7 +20,7 @@
 use crate::auth::UserId;
 use crate::context::{Environment, InitError};
 use crate::crypto::SealedBlob;
-use crate::model::{Connection, ConnectionStatus};
+use crate::model::{Connection, ConnectionStatus, USE_RECORDED_EVERY};
 use crate::refresh::{AccessTokenError, AccessTokens, IssuedCredential, KlaviyoCredential};
 use crate::store::{ConnectionKey, Store, StoreError};
 use serde::Deserialize;
@@ -189,20 +191,37 @@ impl Tokens {
         }
         let account = connection.klaviyo_account_id.clone();
         let now = OffsetDateTime::now_utc();
+        let used_recently = connection
+            .last_used_at
+            .is_some_and(|at| at > now - USE_RECORDED_EVERY);
+        let (issued, source) = self.credential(&key, connection, now).await?;
+        if !used_recently {
+            // Best effort, at most once an hour: the answer does not wait on a failure.
+            if let Err(e) = self.store.record_use(&key, now, USE_RECORDED_EVERY).await {
+                tracing::warn!(connection_id = %key.connection_id, error = %e, "could not record a connection's use");
+            }
+        }
+        Ok((key, issued, account, source))
+    }
+
+    /// The credential for `connection` (just read): kept, opened, or refreshed first.
+    async fn credential(
+        &self,
+        key: &ConnectionKey,
+        connection: Connection,
+        now: OffsetDateTime,
+    ) -> Result<(IssuedCredential, Source), TokenError> {
         let access = self.access().await?;
         if access.usable_as_stored(&connection, now) {
-            if let Some(issued) = self.kept(&key, &connection) {
-                return Ok((key, issued, account, Source::Kept));
+            if let Some(issued) = self.kept(key, &connection) {
+                return Ok((issued, Source::Kept));
             }
             let issued = access.stored(&connection).await.map_err(refused)?;
-            self.keep(&key, &connection.credentials, &issued);
-            return Ok((key, issued, account, Source::Stored));
+            self.keep(key, &connection.credentials, &issued);
+            return Ok((issued, Source::Stored));
         }
-        let issued = access
-            .issue(&key, Some(connection))
-            .await
-            .map_err(refused)?;
-        Ok((key, issued, account, Source::Refreshed))
+        let issued = access.issue(key, Some(connection)).await.map_err(refused)?;
+        Ok((issued, Source::Refreshed))
     }
 
     /// What this container opened from exactly what `connection` stores now.

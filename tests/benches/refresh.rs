@@ -102,6 +102,7 @@ async fn seed(n: usize) {
                     status_reason: None,
                     degraded: false,
                     last_verified_at: None,
+                    last_used_at: None,
                     credentials: sealed,
                     version: 0,
                 };

@@ -44,6 +44,7 @@ fn connection(user: &UserId, klaviyo_account: &str, auth_type: AuthType) -> Conn
         status_reason: None,
         degraded: false,
         last_verified_at: None,
+        last_used_at: None,
         credentials: SealedBlob::from_bytes(vec![1, 0, 1, 42]),
         version: 0,
     }

@@ -281,3 +281,43 @@ async fn after_a_disconnect_and_a_reconnect_the_new_credential_is_handed_out() {
         format!("Klaviyo-API-Key {new_key}")
     );
 }
+
+/// A hand-out records the connection's use, at most once an hour, without touching its
+/// version or credentials (what the usage-aware refresh will schedule by).
+#[tokio::test]
+async fn handing_out_records_the_use_at_most_once_an_hour() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let id = connected_id(&token, &klaviyo_account()).await;
+    let before = stored(&user, &id).await;
+    assert_eq!(before.last_used_at, None, "never handed out");
+
+    let started = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let first = for_connection(&user, &id).await;
+    let used = stored(&user, &id).await;
+    let at = used.last_used_at.expect("the use is recorded");
+    assert!(at >= started && at <= OffsetDateTime::now_utc(), "{at}");
+    assert_eq!(
+        used.version, before.version,
+        "the version is the credentials'"
+    );
+    assert_eq!(used.credentials, before.credentials);
+
+    // Within the hour: not written again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(for_connection(&user, &id).await, first);
+    assert_eq!(stored(&user, &id).await.last_used_at, Some(at));
+
+    // An hour later (the recorded use moved back): written again.
+    let mut earlier = stored(&user, &id).await;
+    earlier.last_used_at = Some(at - time::Duration::minutes(61));
+    let version = earlier.version;
+    environment()
+        .await
+        .store()
+        .update_connection_if_version(&earlier, version)
+        .await
+        .unwrap();
+    for_connection(&user, &id).await;
+    assert!(stored(&user, &id).await.last_used_at > Some(at - time::Duration::minutes(1)));
+}
