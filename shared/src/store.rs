@@ -28,6 +28,7 @@ use crate::secret::Secret;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, Put, ReturnValue, TransactWriteItem, Update,
 };
@@ -688,13 +689,7 @@ impl Store {
         until: OffsetDateTime,
     ) -> Result<Connection, StoreError> {
         let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(self::key(
-                user_pk(&key.user_id),
-                connection_sk(&key.connection_id),
-            )))
+            .update_connection_item(key)
             .update_expression("SET lease_owner = :owner, lease_until = :until")
             .condition_expression(
                 "attribute_exists(pk) AND #status = :active \
@@ -735,13 +730,7 @@ impl Store {
                 .map_err(corrupt)
         };
         let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(self::key(
-                user_pk(&key.user_id),
-                connection_sk(&key.connection_id),
-            )))
+            .update_connection_item(key)
             .update_expression("SET last_used_at = :now")
             .condition_expression(
                 "attribute_exists(pk) AND (attribute_not_exists(last_used_at) OR last_used_at < :since)",
@@ -757,6 +746,17 @@ impl Store {
         }
     }
 
+    /// An UpdateItem of one connection item (table and key set), for the caller's expressions.
+    fn update_connection_item(&self, key: &ConnectionKey) -> UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self::key(
+                user_pk(&key.user_id),
+                connection_sk(&key.connection_id),
+            )))
+    }
+
     /// Gives a lease back early (when a worker decides not to refresh after all).
     pub async fn release_refresh_lease(
         &self,
@@ -764,13 +764,7 @@ impl Store {
         owner: &str,
     ) -> Result<(), StoreError> {
         let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(self::key(
-                user_pk(&key.user_id),
-                connection_sk(&key.connection_id),
-            )))
+            .update_connection_item(key)
             .update_expression("REMOVE lease_owner, lease_until")
             .condition_expression("lease_owner = :owner")
             .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
