@@ -12,7 +12,7 @@ use crate::auth::{JwtVerifier, UserId};
 use crate::context::{Endpoint, Environment, InitError};
 use crate::crypto::Sealer;
 use crate::http::{ApiError, json, path_param, require_method, unavailable};
-use crate::model::{AuthType, Credentials, PendingRevocation};
+use crate::model::{AuthType, Connection, Credentials, PendingRevocation};
 use crate::revocation::{Revocation, Revoker};
 use crate::store::{Store, StoreError};
 use http::{Method, StatusCode};
@@ -56,9 +56,9 @@ impl Endpoint for Disconnect {
         let user = self.auth.authenticate(req)?;
         // Ids are UUIDs; anything else cannot exist (and is answered like a stranger's id).
         let id = path_param(req, "accountId", ROUTE_PREFIX)
-            .filter(|id| uuid::Uuid::try_parse(id).is_ok())
+            .and_then(|id| Connection::parse_id(&id))
             .ok_or(NOT_FOUND)?;
-        let revocation = self.remove(&user, &id.to_ascii_lowercase()).await?;
+        let revocation = self.remove(&user, &id).await?;
         tracing::info!(event = "klaviyo_disconnected", user_id = %user, connection_id = %id, revocation = ?revocation, "connection removed");
         Ok(json(
             StatusCode::OK,

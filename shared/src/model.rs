@@ -133,6 +133,20 @@ impl Connection {
         let name = format!("{}\n{}", user_id.as_str(), klaviyo_account_id);
         Uuid::new_v5(&CONNECTION_NAMESPACE, name.as_bytes()).to_string()
     }
+
+    /// A connection id as a caller sent it: ids are UUIDs (lower-cased here); anything else
+    /// cannot name a connection.
+    pub fn parse_id(raw: &str) -> Option<String> {
+        Uuid::try_parse(raw)
+            .is_ok()
+            .then(|| raw.to_ascii_lowercase())
+    }
+
+    /// Klaviyo has been failing for this connection and the refresh job is backing off
+    /// (`Retry-After` included): nobody adds a refresh of their own before `refresh_due_at`.
+    pub fn backing_off(&self, now: OffsetDateTime) -> bool {
+        self.refresh_failures > 0 && self.refresh_due_at.is_some_and(|due| due > now)
+    }
 }
 
 /// When an API-key connection is next checked: the first time at or after `not_before` that

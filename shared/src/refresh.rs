@@ -927,11 +927,8 @@ impl AccessTokens {
             let still_valid = connection
                 .access_token_expires_at
                 .is_some_and(|expires| expires > now);
-            // Klaviyo has been failing and the job is backing off (Retry-After included): no
-            // refresh of our own until then; the current token while it still works.
-            let backing_off = connection.refresh_failures > 0
-                && connection.refresh_due_at.is_some_and(|due| due > now);
-            if backing_off {
+            // No refresh of our own while the job backs off; the current token while it works.
+            if connection.backing_off(now) {
                 return match still_valid {
                     true => self.stored(&connection).await,
                     false => Err(AccessTokenError::Unavailable(

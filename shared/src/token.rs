@@ -161,11 +161,8 @@ impl Tokens {
         let user_id = UserId::parse(&request.user_id).ok_or(TokenError::InvalidRequest(
             "userId must be 1-256 characters",
         ))?;
-        // Connection ids are UUIDs (as the list shows them); anything else cannot exist.
-        let connection_id = uuid::Uuid::try_parse(&request.connection_id)
-            .map_err(|_| TokenError::NotFound)?
-            .hyphenated()
-            .to_string();
+        let connection_id =
+            Connection::parse_id(&request.connection_id).ok_or(TokenError::NotFound)?;
         let key = ConnectionKey {
             user_id,
             connection_id,

@@ -18,22 +18,20 @@ use crate::auth::UserId;
 use crate::connect::{count_attempt, klaviyo_failure};
 use crate::crypto::{CryptoError, Sealer};
 use crate::disconnect::ROUTE_PREFIX;
-use crate::http::{ApiError, json, tail_segment, unavailable};
+use crate::http::{ApiError, json, path_param, tail_segment, unavailable};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
 use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, StatusReason};
 use crate::rate_limit::{RateLimit, Scope};
-use crate::refresh::{LEASE, Outcome, Refresher};
+use crate::refresh::{AccessTokens, LEASE, Outcome, Refresher};
 use crate::secret::Secret;
 use crate::store::{ConnectionKey, Store, StoreError};
 use http::StatusCode;
-use lambda_http::{Body, Request, RequestExt, Response};
+use lambda_http::{Body, Request, Response};
 use serde::Serialize;
 use std::time::Duration;
 use time::OffsetDateTime;
 
 const NOT_FOUND: ApiError = ApiError::NotFound("Account not found.");
-/// An access token with less than this left is refreshed before the test.
-const MARGIN: time::Duration = time::Duration::minutes(2);
 /// While another worker holds the lease (a refresh takes a second or two): how often to look
 /// again, and how long to wait in all before answering 503.
 pub const WAIT_FOR_LEASE: Duration = Duration::from_millis(250);
@@ -117,19 +115,19 @@ impl Verifier {
             Credentials::OAuth { access_token, .. } => {
                 let fresh = leased
                     .access_token_expires_at
-                    .is_some_and(|expires| expires > now + MARGIN);
-                let first = match fresh {
-                    true => Some(
-                        self.ask(ApiCredential::AccessToken(access_token), AuthType::OAuth)
-                            .await,
-                    ),
-                    false => None,
-                };
-                match first {
-                    Some(Ok(Verdict::Accepted(account))) => Ok(Verdict::Accepted(account)),
-                    Some(Err(e)) => Err(e),
-                    // Expiring, or refused: the refresh token decides.
-                    _ => return self.refresh_and_ask(leased, now, &key, &owner).await,
+                    .is_some_and(|expires| expires > now + AccessTokens::DEFAULT_MARGIN);
+                // Expiring, or refused: the refresh token decides.
+                if !fresh {
+                    return self.refresh_and_ask(leased, now, &key, &owner).await;
+                }
+                match self
+                    .ask(ApiCredential::AccessToken(access_token), AuthType::OAuth)
+                    .await
+                {
+                    Ok(Verdict::Refused(..)) => {
+                        return self.refresh_and_ask(leased, now, &key, &owner).await;
+                    }
+                    answer => answer,
                 }
             }
         };
@@ -210,9 +208,7 @@ impl Verifier {
         key: &ConnectionKey,
         owner: &str,
     ) -> Result<Connection, ApiError> {
-        let backing_off =
-            leased.refresh_failures > 0 && leased.refresh_due_at.is_some_and(|due| due > now);
-        if backing_off {
+        if leased.backing_off(now) {
             self.release(key, owner).await;
             return Err(ApiError::Upstream {
                 code: "klaviyo_unavailable",
@@ -233,12 +229,7 @@ impl Verifier {
             // Reconnected or disconnected meanwhile: nothing was tested.
             (Outcome::Skipped, _) => return self.untested(key).await,
             (Outcome::WriteFailed | Outcome::Refused, _) => return Err(ApiError::Unavailable),
-            _ => {
-                return Err(ApiError::Upstream {
-                    code: "klaviyo_unavailable",
-                    message: UNREACHABLE,
-                });
-            }
+            _ => return Err(klaviyo_down()),
         };
         let account = match self
             .ask(ApiCredential::AccessToken(&token), AuthType::OAuth)
@@ -249,10 +240,7 @@ impl Verifier {
             // answer was. Not a verdict to act on.
             Verdict::Refused(..) => {
                 tracing::warn!(connection_id = %key.connection_id, "Klaviyo refused an access token it had just issued");
-                return Err(ApiError::Upstream {
-                    code: "klaviyo_unavailable",
-                    message: UNREACHABLE,
-                });
+                return Err(klaviyo_down());
             }
         };
         let Some(leased) = self.lease(key, owner).await? else {
@@ -307,10 +295,7 @@ impl Verifier {
             // Changed or removed since it was leased: the result was not recorded.
             Outcome::Skipped | Outcome::SkippedLocked => self.untested(&key).await,
             // Klaviyo answered for another account: retried later like a failure.
-            Outcome::Failed => Err(ApiError::Upstream {
-                code: "klaviyo_unavailable",
-                message: UNREACHABLE,
-            }),
+            Outcome::Failed => Err(klaviyo_down()),
             _ => Err(ApiError::Unavailable),
         }
     }
@@ -354,21 +339,24 @@ fn klaviyo_error(error: KlaviyoError) -> ApiError {
     klaviyo_failure(error, UNREACHABLE)
 }
 
+/// The test could not be made (Klaviyo failing, or answering what cannot be acted on).
+fn klaviyo_down() -> ApiError {
+    ApiError::Upstream {
+        code: "klaviyo_unavailable",
+        message: UNREACHABLE,
+    }
+}
+
 const UNREACHABLE: &str = "Klaviyo could not be reached to test the connection; please try again.";
 const BACKING_OFF: &str = "Klaviyo is having trouble with this connection; it is retried automatically. Please test again later.";
 
-/// The connection id of `/api/oauth/accounts/{accountId}/verify`: a UUID, lower-cased;
-/// anything else cannot exist (and is answered like a stranger's id).
+/// The connection id of `/api/oauth/accounts/{accountId}/verify` (from the route, or from the
+/// raw path without its `/verify`); anything but a UUID cannot exist (and is answered like a
+/// stranger's id).
 fn account_id(req: &Request) -> Option<String> {
-    let from_route = req
-        .path_parameters_ref()
-        .and_then(|params| params.first("accountId"))
-        .map(str::to_owned);
-    let id = from_route.or_else(|| {
+    let id = path_param(req, "accountId", ROUTE_PREFIX).or_else(|| {
         let path = req.uri().path().trim_end_matches('/');
         tail_segment(path.strip_suffix("/verify")?, ROUTE_PREFIX)
     })?;
-    uuid::Uuid::try_parse(&id)
-        .is_ok()
-        .then(|| id.to_ascii_lowercase())
+    Connection::parse_id(&id)
 }
