@@ -126,10 +126,12 @@ EXPORTS
   (set -a; source "$state/env.sh"; exec nohup "$python" "$root/scripts/stream_pump.py" \
     --template "$root/template.yaml" --api-url "$api_url") > "$state/pump.log" 2>&1 &
   echo $! > "$state/pump.pid"
-  # It has no port to probe: it is up once it says so.
+  # It has no port to probe: it is up once it says so. (Alive, not "ours": until the subshell
+  # has exec'd Python, its command line is still this script's.)
+  local pump_pid; pump_pid="$(cat "$state/pump.pid")"
   for _ in $(seq 1 50); do
     grep -q "pumping the table's stream" "$state/pump.log" 2>/dev/null && break
-    process_running pump stream_pump || { echo "the stream pump exited; see $state/pump.log" >&2; tail -20 "$state/pump.log" >&2; rm -f "$state/env.sh"; return 1; }
+    kill -0 "$pump_pid" 2>/dev/null || { echo "the stream pump exited; see $state/pump.log" >&2; tail -20 "$state/pump.log" >&2; rm -f "$state/env.sh"; return 1; }
     sleep 0.2
   done
   cat "$state/env.sh"

@@ -5,6 +5,7 @@
 //! message naming it. Secrets themselves are not here: only the ARNs of the Secrets Manager
 //! entries that hold them (see `context`).
 
+use crate::model::{RefreshPolicy, USE_RECORDED_EVERY};
 use crate::rate_limit::RateLimit;
 use std::net::IpAddr;
 use url::Url;
@@ -50,6 +51,10 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Connections the refresh job works on at once (`REFRESH_CONCURRENCY`, 1–256).
     pub refresh_concurrency: usize,
+    /// How OAuth connections are kept fresh (`REFRESH_POLICY`: `usage-aware` by default, or
+    /// `eager`; with `REFRESH_ACTIVE_WINDOW` and `REFRESH_IDLE_INTERVAL`, each a duration
+    /// such as `24h`, `90m` or `2d` from 1 hour to 30 days, 24 hours by default).
+    pub refresh_policy: RefreshPolicy,
     /// Connect attempts (OAuth starts and API keys together) one user may make per window
     /// (`CONNECT_RATE_LIMIT`, 1–10,000, default 10, per `CONNECT_RATE_WINDOW_SECONDS`,
     /// 1–86,400, default 60).
@@ -161,6 +166,7 @@ impl Config {
             frontend_url,
             allowed_origins,
             refresh_concurrency: env.bounded("REFRESH_CONCURRENCY", 16, 1..=256)?,
+            refresh_policy: env.refresh_policy()?,
             connect_rate: RateLimit {
                 limit: env.bounded("CONNECT_RATE_LIMIT", 10, 1..=10_000)? as u32,
                 window_secs: env.bounded("CONNECT_RATE_WINDOW_SECONDS", 60, 1..=86_400)? as u32,
@@ -229,6 +235,68 @@ impl<F: Fn(&str) -> Option<String>> Lookup<'_, F> {
                     ),
                 )
             })
+    }
+
+    /// `REFRESH_POLICY` and the two durations of the usage-aware one (which eager ignores,
+    /// but they must still be well formed: a typo is not silently a default).
+    fn refresh_policy(&self) -> Result<RefreshPolicy, ConfigError> {
+        let RefreshPolicy::UsageAware {
+            active_window,
+            idle_interval,
+        } = RefreshPolicy::default()
+        else {
+            unreachable!("the default policy is usage-aware");
+        };
+        let active_window = self.duration("REFRESH_ACTIVE_WINDOW", active_window)?;
+        let idle_interval = self.duration("REFRESH_IDLE_INTERVAL", idle_interval)?;
+        match self.optional("REFRESH_POLICY").as_deref() {
+            None | Some("usage-aware") => Ok(RefreshPolicy::UsageAware {
+                active_window,
+                idle_interval,
+            }),
+            Some("eager") => Ok(RefreshPolicy::Eager),
+            Some(_) => Err(ConfigError::new(
+                "REFRESH_POLICY",
+                "must be `usage-aware` or `eager`",
+            )),
+        }
+    }
+
+    /// A duration of whole seconds, minutes, hours or days (`86400s`, `1440m`, `24h`, `1d`),
+    /// from an hour (how often a use is recorded) to 30 days (well inside the 90 days a
+    /// Klaviyo refresh token lives unused).
+    fn duration(
+        &self,
+        name: &'static str,
+        default: time::Duration,
+    ) -> Result<time::Duration, ConfigError> {
+        let Some(raw) = self.optional(name) else {
+            return Ok(default);
+        };
+        let invalid = || {
+            ConfigError::new(
+                name,
+                "must be a duration such as `24h`, `90m` or `2d` (s, m, h or d), from 1h to 30d",
+            )
+        };
+        let split = raw.len() - raw.chars().last().map_or(0, char::len_utf8);
+        let (digits, unit) = raw.split_at(split);
+        let seconds_per = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3_600,
+            "d" => 86_400,
+            _ => return Err(invalid()),
+        };
+        let value: i64 = match digits.bytes().all(|b| b.is_ascii_digit()) {
+            true => digits.parse().map_err(|_| invalid())?,
+            false => return Err(invalid()),
+        };
+        let duration = time::Duration::seconds(value.checked_mul(seconds_per).ok_or_else(invalid)?);
+        (USE_RECORDED_EVERY..=time::Duration::days(30))
+            .contains(&duration)
+            .then_some(duration)
+            .ok_or_else(invalid)
     }
 
     /// An EventBridge bus name (1-256 of a-z A-Z 0-9 . _ -), or a bus ARN.
@@ -493,6 +561,33 @@ mod tests {
     }
 
     #[test]
+    fn the_refresh_policy_is_usage_aware_unless_eager_is_asked_for() {
+        let hours = time::Duration::hours;
+        assert_eq!(
+            load(&base()).unwrap().refresh_policy,
+            RefreshPolicy::default()
+        );
+        let mut vars = base();
+        vars.insert("REFRESH_ACTIVE_WINDOW", "90m");
+        vars.insert("REFRESH_IDLE_INTERVAL", "2d");
+        assert_eq!(
+            load(&vars).unwrap().refresh_policy,
+            RefreshPolicy::UsageAware {
+                active_window: time::Duration::minutes(90),
+                idle_interval: hours(48),
+            }
+        );
+        vars.insert("REFRESH_POLICY", "eager");
+        assert_eq!(load(&vars).unwrap().refresh_policy, RefreshPolicy::Eager);
+        vars.insert("REFRESH_POLICY", "usage-aware");
+        vars.insert("REFRESH_IDLE_INTERVAL", "3600s");
+        assert!(matches!(
+            load(&vars).unwrap().refresh_policy,
+            RefreshPolicy::UsageAware { idle_interval, .. } if idle_interval == hours(1)
+        ));
+    }
+
+    #[test]
     fn malformed_settings_are_named() {
         let cases = [
             ("TABLE_NAME", "a b"),
@@ -510,6 +605,14 @@ mod tests {
             ("JWT_MAX_LIFETIME_SECONDS", "59"),
             ("JWT_MAX_LIFETIME_SECONDS", "86401"),
             ("CONNECT_COMPLETION", "Required"),
+            ("REFRESH_POLICY", "lazy"),
+            ("REFRESH_ACTIVE_WINDOW", "24"),
+            ("REFRESH_ACTIVE_WINDOW", "59m"),
+            ("REFRESH_ACTIVE_WINDOW", "31d"),
+            ("REFRESH_IDLE_INTERVAL", "1.5h"),
+            ("REFRESH_IDLE_INTERVAL", "-2h"),
+            ("REFRESH_IDLE_INTERVAL", "99999999999999999d"),
+            ("REFRESH_IDLE_INTERVAL", "24 h"),
             ("EVENT_BUS_NAME", "bus with spaces"),
             ("EVENT_BUS_NAME", "arn:aws:events:us-east-1:1:rule/x"),
             ("CONNECT_COMPLETION", "no"),

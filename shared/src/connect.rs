@@ -68,12 +68,7 @@ impl Endpoint for Connect {
             store: env.store(),
             sealer: env.sealer(),
             completer: Completer::new(env.store(), revoker.clone(), env.config.connect_rate),
-            verifier: Verifier::new(
-                env.store(),
-                env.sealer(),
-                klaviyo.clone(),
-                env.config.connect_rate,
-            ),
+            verifier: Verifier::new(env, klaviyo.clone()),
             revoker,
             klaviyo,
             rate: env.config.connect_rate,

@@ -33,7 +33,7 @@ pub use crypto::{Purpose, SealContext, SealedBlob, Sealer};
 pub use http::ApiError;
 pub use model::{
     AuthType, Connection, ConnectionStatus, Credentials, ParkedConnection, PendingAuthorization,
-    PendingRevocation,
+    PendingRevocation, RefreshPolicy,
 };
 pub use refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 pub use secret::Secret;

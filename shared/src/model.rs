@@ -34,6 +34,8 @@ pub const KEY_CHECK_INTERVAL: time::Duration = time::Duration::days(1);
 pub const KEY_CHECK_MIN_GAP: time::Duration = time::Duration::hours(23);
 /// A connection's use is recorded at most this often.
 pub const USE_RECORDED_EVERY: time::Duration = time::Duration::hours(1);
+/// Never schedule the next refresh sooner than this (tokens with a very short life).
+pub const MIN_REFRESH_INTERVAL: time::Duration = time::Duration::seconds(60);
 /// Default and limits of the user's label for a connection.
 pub const DEFAULT_ACCOUNT_NAME: &str = "Klaviyo";
 pub const MAX_ACCOUNT_NAME_CHARS: usize = 100;
@@ -153,17 +155,116 @@ impl Connection {
 /// falls on the connection's own time of day (a hash of its id), so a million keys connected
 /// in the same minute are still checked evenly over the day, each once a day.
 pub fn key_check_due(connection_id: &str, not_before: OffsetDateTime) -> OffsetDateTime {
-    let day = KEY_CHECK_INTERVAL.whole_seconds();
+    spread_due(connection_id, not_before, KEY_CHECK_INTERVAL)
+}
+
+/// The first time at or after `not_before` that falls on the connection's own point of each
+/// `period` (a hash of its id, counted from the Unix epoch): connections that became due
+/// together are spread evenly over the period.
+fn spread_due(
+    connection_id: &str,
+    not_before: OffsetDateTime,
+    period: time::Duration,
+) -> OffsetDateTime {
+    let period = period.whole_seconds().max(1);
     let digest = Sha256::digest(connection_id.as_bytes());
     let hash = u64::from_be_bytes(digest[..8].try_into().expect("eight bytes"));
-    let slot = (hash % day as u64) as i64;
+    let slot = (hash % period as u64) as i64;
     let start = not_before.unix_timestamp();
-    let day_start = start.div_euclid(day) * day;
-    let mut due = day_start + slot;
+    let mut due = start.div_euclid(period) * period + slot;
     if due < start {
-        due += day;
+        due += period;
     }
     OffsetDateTime::from_unix_timestamp(due).unwrap_or(not_before)
+}
+
+/// How OAuth connections are kept fresh (`REFRESH_POLICY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshPolicy {
+    /// Every connection refreshed `REFRESH_LEAD` before its access token expires, used or not
+    /// (about 32 refreshes a day each).
+    Eager,
+    /// Connections in use (a credential handed out, or the user authorised them, within
+    /// `active_window`) are kept fresh as with `Eager`; the others get one keep-alive refresh
+    /// every `idle_interval`, each at its own point of the interval. The keep-alive keeps the
+    /// refresh token alive (Klaviyo's die after 90 days unused) and finds a removed app
+    /// within an interval. A credential handed out for an idle connection puts it back on the
+    /// eager schedule (`due_when_used`), or is refreshed first when its token is too old.
+    UsageAware {
+        active_window: time::Duration,
+        idle_interval: time::Duration,
+    },
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        Self::UsageAware {
+            active_window: time::Duration::hours(24),
+            idle_interval: time::Duration::hours(24),
+        }
+    }
+}
+
+impl RefreshPolicy {
+    /// Whether `connection` counts as in use at `now` (always, when eager).
+    pub fn in_use(&self, connection: &Connection, now: OffsetDateTime) -> bool {
+        match self {
+            Self::Eager => true,
+            Self::UsageAware { active_window, .. } => {
+                let last = connection
+                    .last_used_at
+                    .map_or(connection.authorized_at, |used| {
+                        used.max(connection.authorized_at)
+                    });
+                now - last < *active_window
+            }
+        }
+    }
+
+    /// When to refresh `connection` next, its access token renewed at `now` to expire at
+    /// `expires_at`: shortly before it expires while in use, otherwise at the next keep-alive
+    /// (never sooner than the eager time).
+    pub fn next_refresh(
+        &self,
+        connection: &Connection,
+        expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> OffsetDateTime {
+        let eager = (expires_at - REFRESH_LEAD).max(now + MIN_REFRESH_INTERVAL);
+        match self {
+            Self::UsageAware { idle_interval, .. } if !self.in_use(connection, now) => {
+                // Half an interval ahead at least: a keep-alive that ran at its point finds
+                // the next one a whole interval later; one that follows a period of use
+                // comes within half to one and a half intervals.
+                spread_due(&connection.id, now + *idle_interval / 2, *idle_interval).max(eager)
+            }
+            _ => eager,
+        }
+    }
+
+    /// When an idle OAuth connection whose credential is handed out at `now` should be
+    /// refreshed instead of at its keep-alive: `REFRESH_LEAD` before its token expires (now,
+    /// if that has passed). `None` when nothing needs to change: eager, in use, not OAuth,
+    /// backing off, or already due that soon.
+    pub fn due_when_used(
+        &self,
+        connection: &Connection,
+        now: OffsetDateTime,
+    ) -> Option<OffsetDateTime> {
+        if self.in_use(connection, now)
+            || connection.auth_type != AuthType::OAuth
+            || connection.status != ConnectionStatus::Active
+            || connection.backing_off(now)
+        {
+            return None;
+        }
+        let expires_at = connection.access_token_expires_at?;
+        let due = (expires_at - REFRESH_LEAD).max(now);
+        connection
+            .refresh_due_at
+            .is_some_and(|scheduled| scheduled > due)
+            .then_some(due)
+    }
 }
 
 /// The user's label for a connection: absent means the default; otherwise trimmed, 1–100
@@ -485,6 +586,107 @@ mod tests {
             hours[((due - start).whole_hours()) as usize] += 1;
         }
         assert!(hours.iter().all(|&n| (300..=540).contains(&n)), "{hours:?}");
+    }
+
+    #[test]
+    fn usage_aware_keeps_connections_in_use_fresh_and_idle_ones_alive() {
+        let (hours, minutes) = (time::Duration::hours, time::Duration::minutes);
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let policy = RefreshPolicy::default();
+        let expires = now + hours(1);
+        let eager = expires - REFRESH_LEAD;
+        let mut connection = sample_connection(now - time::Duration::days(3));
+
+        // Authorised or used within the window: in use, refreshed before it expires.
+        let mut fresh = connection.clone();
+        fresh.authorized_at = now - hours(2);
+        assert!(policy.in_use(&fresh, now));
+        assert_eq!(policy.next_refresh(&fresh, expires, now), eager);
+        connection.last_used_at = Some(now - hours(23));
+        assert!(policy.in_use(&connection, now));
+        assert_eq!(policy.next_refresh(&connection, expires, now), eager);
+
+        // Idle: the keep-alive at the connection's own point of the day, half a day to a day
+        // and a half away; a keep-alive run at its point finds the next a day later.
+        connection.last_used_at = Some(now - hours(24));
+        assert!(!policy.in_use(&connection, now));
+        let keep_alive = policy.next_refresh(&connection, expires, now);
+        assert!(
+            keep_alive >= now + hours(12) && keep_alive < now + hours(36),
+            "{keep_alive}"
+        );
+        let ran = keep_alive + minutes(4);
+        assert_eq!(
+            policy.next_refresh(&connection, ran + hours(1), ran),
+            keep_alive + hours(24)
+        );
+        // Never sooner than eager (an interval shorter than the token's life).
+        let hourly = RefreshPolicy::UsageAware {
+            active_window: hours(1),
+            idle_interval: hours(1),
+        };
+        assert!(
+            hourly.next_refresh(&connection, now + hours(2), now) >= now + hours(2) - REFRESH_LEAD
+        );
+
+        // Eager: always in use.
+        assert!(RefreshPolicy::Eager.in_use(&connection, now));
+        assert_eq!(
+            RefreshPolicy::Eager.next_refresh(&connection, expires, now),
+            eager
+        );
+        // A token with a very short life is not refreshed in a loop.
+        assert_eq!(
+            RefreshPolicy::Eager.next_refresh(&connection, now + minutes(5), now),
+            now + MIN_REFRESH_INTERVAL
+        );
+
+        // Idle connections spread over the interval.
+        let mut slots = [0u32; 24];
+        for i in 0..10_000 {
+            let mut c = connection.clone();
+            c.id = format!("connection-{i}");
+            let due = policy.next_refresh(&c, expires, now);
+            slots[((due - now - hours(12)).whole_hours()) as usize] += 1;
+        }
+        assert!(slots.iter().all(|&n| (300..=540).contains(&n)), "{slots:?}");
+    }
+
+    #[test]
+    fn a_credential_handed_out_for_an_idle_connection_brings_its_refresh_forward() {
+        let hours = time::Duration::hours;
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let policy = RefreshPolicy::default();
+        let mut idle = sample_connection(now - time::Duration::days(3));
+        idle.access_token_expires_at = Some(now + hours(1));
+        idle.refresh_due_at = Some(now + hours(20));
+        assert_eq!(
+            policy.due_when_used(&idle, now),
+            Some(now + hours(1) - REFRESH_LEAD)
+        );
+        // Its token too close to expiry for the lead: due now.
+        let mut closer = idle.clone();
+        closer.access_token_expires_at = Some(now + time::Duration::minutes(10));
+        assert_eq!(policy.due_when_used(&closer, now), Some(now));
+
+        let unchanged = |c: &Connection| policy.due_when_used(c, now);
+        let mut in_use = idle.clone();
+        in_use.last_used_at = Some(now - hours(3));
+        assert_eq!(unchanged(&in_use), None, "in use: already eager");
+        let mut key = idle.clone();
+        key.auth_type = AuthType::ApiKey;
+        assert_eq!(unchanged(&key), None, "API keys keep their daily check");
+        let mut backing_off = idle.clone();
+        backing_off.refresh_failures = 2;
+        assert_eq!(unchanged(&backing_off), None, "the backoff stands");
+        let mut sooner = idle.clone();
+        sooner.refresh_due_at = Some(now + time::Duration::minutes(30));
+        assert_eq!(unchanged(&sooner), None, "already due sooner");
+        let mut refused = idle.clone();
+        refused.status = ConnectionStatus::NeedsReauth;
+        refused.refresh_due_at = None;
+        assert_eq!(unchanged(&refused), None);
+        assert_eq!(RefreshPolicy::Eager.due_when_used(&idle, now), None);
     }
 
     #[test]

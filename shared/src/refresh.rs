@@ -25,7 +25,7 @@ use crate::crypto::{CryptoError, DataKey, Sealer};
 use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoAccount, KlaviyoError, TokenSet};
 use crate::model::{
     AuthType, Connection, ConnectionStatus, Credentials, KEY_CHECK_MIN_GAP, PendingRevocation,
-    REFRESH_LEAD, StatusReason, key_check_due,
+    RefreshPolicy, StatusReason, USE_RECORDED_EVERY, key_check_due,
 };
 use crate::revocation::Revoker;
 use crate::secret::Secret;
@@ -59,8 +59,6 @@ const BACKOFF_MAX_SECS: i64 = 30 * 60;
 /// the pause between them.
 pub const WRITE_ATTEMPTS: u32 = 3;
 pub const WRITE_RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// Never schedule the next refresh sooner than this (tokens with a very short life).
-const MIN_REFRESH_INTERVAL: time::Duration = time::Duration::seconds(60);
 
 /// What one run did; logged as one line and returned to the invoker.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -150,14 +148,16 @@ pub struct Refresher {
     store: Store,
     sealer: Sealer,
     klaviyo: Klaviyo,
+    policy: RefreshPolicy,
 }
 
 impl Refresher {
-    pub fn new(store: Store, sealer: Sealer, klaviyo: Klaviyo) -> Self {
+    pub fn new(env: &Environment, klaviyo: Klaviyo) -> Self {
         Self {
-            store,
-            sealer,
+            store: env.store(),
+            sealer: env.sealer(),
             klaviyo,
+            policy: env.config.refresh_policy,
         }
     }
 
@@ -399,8 +399,7 @@ impl Refresher {
                 }
             };
         updated.access_token_expires_at = Some(tokens.expires_at);
-        updated.refresh_due_at =
-            Some((tokens.expires_at - REFRESH_LEAD).max(now + MIN_REFRESH_INTERVAL));
+        updated.refresh_due_at = Some(self.policy.next_refresh(connection, tokens.expires_at, now));
         updated.last_refreshed_at = Some(now);
         updated.updated_at = now;
         updated.refresh_failures = 0;
@@ -595,9 +594,12 @@ impl Refresher {
         updated.refresh_failures = failures;
         updated.refresh_due_at = Some(now + time::Duration::seconds(delay_secs));
         // Calls with the stored access token fail now: the host app hears of it (an event).
+        // Not for an idle connection (usage-aware), whose token is expired most of the time
+        // and which nobody is calling; once degraded, it stays so until a refresh succeeds.
         updated.degraded = connection
             .access_token_expires_at
-            .is_some_and(|expires| expires <= now);
+            .is_some_and(|expires| expires <= now)
+            && (connection.degraded || self.policy.in_use(connection, now));
         tracing::warn!(
             event = "refresh_deferred",
             connection_id = %connection.id,
@@ -705,7 +707,7 @@ impl Refresh {
     pub fn new(env: &Environment, klaviyo: Klaviyo) -> Self {
         Self {
             store: env.store(),
-            refresher: Refresher::new(env.store(), env.sealer(), klaviyo.clone()),
+            refresher: Refresher::new(env, klaviyo.clone()),
             revoker: env.revoker(klaviyo.clone()),
             klaviyo,
             concurrency: env.config.refresh_concurrency,
@@ -865,7 +867,7 @@ impl AccessTokens {
         Self {
             store: env.store(),
             sealer: env.sealer(),
-            refresher: Refresher::new(env.store(), env.sealer(), klaviyo),
+            refresher: Refresher::new(env, klaviyo),
             margin: Self::DEFAULT_MARGIN,
         }
     }
@@ -880,7 +882,50 @@ impl AccessTokens {
             user_id: user_id.clone(),
             connection_id: connection_id.to_owned(),
         };
-        Ok(self.issue(&key, None).await?.credential)
+        let connection = match self.store.get_connection(user_id, connection_id).await {
+            Ok(connection) => connection,
+            Err(StoreError::NotFound) => return Err(AccessTokenError::NotFound),
+            Err(e) => return Err(AccessTokenError::Unavailable(e.to_string())),
+        };
+        let now = OffsetDateTime::now_utc();
+        if connection.status == ConnectionStatus::Active && self.usable_as_stored(&connection, now)
+        {
+            let issued = self.stored(&connection).await?;
+            self.note_use(&key, &connection, now).await;
+            return Ok(issued.credential);
+        }
+        Ok(self.issue(&key, Some(connection)).await?.credential)
+    }
+
+    /// Records that a credential of `connection` (as read before it was handed out, as
+    /// stored) was handed out at `now`: at most once an hour, best effort (a failure is
+    /// logged; the next hand-out tries again). An idle connection (usage-aware) goes back on
+    /// the eager schedule in the same write. A credential refreshed first by `issue` needs
+    /// none of this: the refresh records the use itself.
+    pub async fn note_use(
+        &self,
+        key: &ConnectionKey,
+        connection: &Connection,
+        now: OffsetDateTime,
+    ) {
+        if connection
+            .last_used_at
+            .is_some_and(|at| at > now - USE_RECORDED_EVERY)
+        {
+            return;
+        }
+        let due = self
+            .refresher
+            .policy
+            .due_when_used(connection, now)
+            .map(|due| (due, connection.version));
+        if let Err(e) = self
+            .store
+            .record_use(key, now, USE_RECORDED_EVERY, due)
+            .await
+        {
+            tracing::warn!(connection_id = %key.connection_id, error = %e, "could not record a connection's use");
+        }
     }
 
     /// Whether `connection`'s stored credential can be handed out as it is: an API key, or an
@@ -941,7 +986,10 @@ impl AccessTokens {
                 .take_refresh_lease(key, &owner, now, now + LEASE)
                 .await
             {
-                Ok(leased) if leased.version == connection.version => {
+                Ok(mut leased) if leased.version == connection.version => {
+                    // Refreshed because a credential is handed out: the refresh records the
+                    // use, and schedules the next one as for a connection in use.
+                    leased.last_used_at = Some(now);
                     // In a task of its own: a caller that gives up (drops this future) must not
                     // cancel a refresh after Klaviyo has rotated the token and before it is
                     // stored.

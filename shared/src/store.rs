@@ -713,12 +713,16 @@ impl Store {
     /// Records that a credential of the connection was handed out at `now`, unless that was
     /// recorded less than `every` ago: one conditional UpdateItem of that attribute alone, which
     /// leaves `version` and the lease as they are (nothing about the credentials changes).
-    /// `Ok(false)` when it was recent enough already (or the connection is gone).
+    /// With `due` (when, and the version it was decided on), the same write moves the
+    /// connection's refresh to then, if it is still at that version; if it no longer is, the
+    /// use alone is recorded. `Ok(false)` when it was recent enough already (or the
+    /// connection is gone).
     pub async fn record_use(
         &self,
         key: &ConnectionKey,
         now: OffsetDateTime,
         every: time::Duration,
+        due: Option<(OffsetDateTime, u64)>,
     ) -> Result<bool, StoreError> {
         // Whole seconds in UTC: every stored value has the same length, so the string
         // comparison of the condition is the chronological one.
@@ -729,18 +733,26 @@ impl Store {
                 .format(&time::format_description::well_known::Rfc3339)
                 .map_err(corrupt)
         };
-        let result = self
+        let recent = "attribute_exists(pk) AND (attribute_not_exists(last_used_at) OR last_used_at < :since)";
+        let mut update = self
             .update_connection_item(key)
-            .update_expression("SET last_used_at = :now")
-            .condition_expression(
-                "attribute_exists(pk) AND (attribute_not_exists(last_used_at) OR last_used_at < :since)",
-            )
             .expression_attribute_values(":now", AttributeValue::S(text(now)?))
-            .expression_attribute_values(":since", AttributeValue::S(text(now - every)?))
-            .send()
-            .await;
-        match result {
+            .expression_attribute_values(":since", AttributeValue::S(text(now - every)?));
+        update = match due {
+            None => update
+                .update_expression("SET last_used_at = :now")
+                .condition_expression(recent),
+            Some((due, version)) => update
+                .update_expression("SET last_used_at = :now, due_at = :due")
+                .condition_expression(format!("{recent} AND version = :version"))
+                .expression_attribute_values(":due", number(due.unix_timestamp()))
+                .expression_attribute_values(":version", number(version as i64)),
+        };
+        match update.send().await {
             Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) && due.is_some() => {
+                Box::pin(self.record_use(key, now, every, None)).await
+            }
             Err(e) if is_condition_failure(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }

@@ -10,7 +10,9 @@
 //!
 //! Every request reads the connection once (a strongly consistent GetItem), and records the
 //! use (`last_used_at`, at most once an hour: a conditional UpdateItem of that attribute
-//! alone, which changes neither the version nor the credentials). A warm container
+//! alone, which changes neither the version nor the credentials; for a connection the
+//! usage-aware refresh policy counts as idle, the same write puts it back on the eager
+//! schedule, `AccessTokens::note_use`). A warm container
 //! keeps what it opened, with the sealed blob it opened it from: while the stored blob is that
 //! very blob (every seal has a fresh nonce and data key, so new credentials never seal to the
 //! same bytes) and the token has its margin left, it is handed out again without KMS. Not the
@@ -20,7 +22,7 @@
 use crate::auth::UserId;
 use crate::context::{Environment, InitError};
 use crate::crypto::SealedBlob;
-use crate::model::{Connection, ConnectionStatus, USE_RECORDED_EVERY};
+use crate::model::{Connection, ConnectionStatus};
 use crate::refresh::{AccessTokenError, AccessTokens, IssuedCredential, KlaviyoCredential};
 use crate::store::{ConnectionKey, Store, StoreError};
 use serde::Deserialize;
@@ -188,15 +190,10 @@ impl Tokens {
         }
         let account = connection.klaviyo_account_id.clone();
         let now = OffsetDateTime::now_utc();
-        let used_recently = connection
-            .last_used_at
-            .is_some_and(|at| at > now - USE_RECORDED_EVERY);
-        let (issued, source) = self.credential(&key, connection, now).await?;
-        if !used_recently {
+        let (issued, source) = self.credential(&key, &connection, now).await?;
+        if source != Source::Refreshed {
             // Best effort, at most once an hour: the answer does not wait on a failure.
-            if let Err(e) = self.store.record_use(&key, now, USE_RECORDED_EVERY).await {
-                tracing::warn!(connection_id = %key.connection_id, error = %e, "could not record a connection's use");
-            }
+            self.access().await?.note_use(&key, &connection, now).await;
         }
         Ok((key, issued, account, source))
     }
@@ -205,19 +202,22 @@ impl Tokens {
     async fn credential(
         &self,
         key: &ConnectionKey,
-        connection: Connection,
+        connection: &Connection,
         now: OffsetDateTime,
     ) -> Result<(IssuedCredential, Source), TokenError> {
         let access = self.access().await?;
-        if access.usable_as_stored(&connection, now) {
-            if let Some(issued) = self.kept(key, &connection) {
+        if access.usable_as_stored(connection, now) {
+            if let Some(issued) = self.kept(key, connection) {
                 return Ok((issued, Source::Kept));
             }
-            let issued = access.stored(&connection).await.map_err(refused)?;
+            let issued = access.stored(connection).await.map_err(refused)?;
             self.keep(key, &connection.credentials, &issued);
             return Ok((issued, Source::Stored));
         }
-        let issued = access.issue(key, Some(connection)).await.map_err(refused)?;
+        let issued = access
+            .issue(key, Some(connection.clone()))
+            .await
+            .map_err(refused)?;
         Ok((issued, Source::Refreshed))
     }
 

@@ -16,6 +16,7 @@
 use crate::accounts::AccountView;
 use crate::auth::UserId;
 use crate::connect::{count_attempt, klaviyo_failure};
+use crate::context::Environment;
 use crate::crypto::{CryptoError, Sealer};
 use crate::disconnect::ROUTE_PREFIX;
 use crate::http::{ApiError, json, path_param, tail_segment, unavailable};
@@ -60,13 +61,13 @@ enum Verdict {
 }
 
 impl Verifier {
-    pub fn new(store: Store, sealer: Sealer, klaviyo: Klaviyo, rate: RateLimit) -> Self {
+    pub fn new(env: &Environment, klaviyo: Klaviyo) -> Self {
         Self {
-            refresher: Refresher::new(store.clone(), sealer.clone(), klaviyo.clone()),
-            store,
-            sealer,
+            refresher: Refresher::new(env, klaviyo.clone()),
+            store: env.store(),
+            sealer: env.sealer(),
             klaviyo,
-            rate,
+            rate: env.config.connect_rate,
         }
     }
 

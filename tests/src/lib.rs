@@ -475,6 +475,32 @@ pub async fn stored(user: &str, id: &str) -> shared::Connection {
         .expect("connection stored")
 }
 
+/// Changes a stored connection as if time had passed (`change` edits it; the version moves
+/// on as with any write), and returns it as stored.
+pub async fn rewrite(
+    user: &str,
+    id: &str,
+    change: impl FnOnce(&mut shared::Connection),
+) -> shared::Connection {
+    let mut connection = stored(user, id).await;
+    change(&mut connection);
+    let version = connection.version;
+    environment()
+        .await
+        .store()
+        .update_connection_if_version(&connection, version)
+        .await
+        .expect("rewrite a connection")
+}
+
+/// A time `minutes` from now, in whole seconds (as the store keeps times).
+pub fn minutes_from_now(minutes: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("whole seconds")
+        + time::Duration::minutes(minutes)
+}
+
 /// Pending revocations of a connection (read through the due index, as the job does).
 pub async fn pending_revocations(connection_id: &str) -> usize {
     let far_future = time::OffsetDateTime::now_utc() + time::Duration::days(365);

@@ -9,8 +9,8 @@
 
 use e2e::{
     accounts_of, connect_api_key, connect_klaviyo, connected_id, environment, http, inject_fault,
-    invoke_refresh, klaviyo_account, refresh_grants, refresh_job, refresh_tokens, register_api_key,
-    sandbox_url, stored, token_for, unique,
+    invoke_refresh, klaviyo_account, minutes_from_now, refresh_grants, refresh_job, refresh_tokens,
+    register_api_key, rewrite, sandbox_url, stored, token_for, unique,
 };
 use serde_json::json;
 use shared::refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
@@ -35,16 +35,11 @@ async fn tokens_of(connection: &Connection) -> (String, String) {
 
 /// Makes a connection due now, as if time had passed: its access token expires in a minute.
 async fn make_due(user: &str, id: &str) {
-    let store = environment().await.store();
-    let mut connection = stored(user, id).await;
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
-    connection.access_token_expires_at = Some(now + Duration::seconds(60));
-    connection.refresh_due_at = Some(now - Duration::seconds(1));
-    let version = connection.version;
-    store
-        .update_connection_if_version(&connection, version)
-        .await
-        .unwrap();
+    rewrite(user, id, |c| {
+        c.access_token_expires_at = Some(minutes_from_now(1));
+        c.refresh_due_at = Some(minutes_from_now(0) - Duration::seconds(1));
+    })
+    .await;
 }
 
 /// Waits (up to 20 s) until `check` holds for the stored connection, and returns it.
@@ -450,4 +445,138 @@ async fn access_tokens_are_handed_out_fresh_and_refreshed_just_in_time() {
         tokens.for_connection(&user_id, &fresh_id).await,
         Err(AccessTokenError::NeedsReauth)
     ));
+}
+
+// ---- usage-aware refresh ---------------------------------------------------------------
+
+/// Makes a connection authorised three days ago, last used `used_hours_ago` (if ever), and
+/// due now, its access token expiring in `expires_in` minutes.
+async fn idle_and_due(
+    user: &str,
+    id: &str,
+    used_hours_ago: Option<i64>,
+    expires_in: i64,
+) -> Connection {
+    rewrite(user, id, |c| {
+        c.authorized_at = minutes_from_now(-3 * 24 * 60);
+        c.last_used_at = used_hours_ago.map(|h| minutes_from_now(-h * 60));
+        c.access_token_expires_at = Some(minutes_from_now(expires_in));
+        c.refresh_due_at = Some(minutes_from_now(0) - Duration::seconds(1));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connections_in_use_are_kept_fresh_and_idle_ones_get_a_keep_alive_a_day() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    // Never used, used 25 hours ago (just outside the active window), used 2 hours ago.
+    let cases = [(None, false), (Some(25), false), (Some(2), true)];
+    let mut connections = Vec::new();
+    for (used, _) in cases {
+        let account = klaviyo_account();
+        let id = connected_id(&token, &account).await;
+        connections.push((account, id, used));
+    }
+    let mut befores = Vec::new();
+    for (_, id, used) in &connections {
+        befores.push(idle_and_due(&user, id, *used, 1).await);
+    }
+    let ran_at = OffsetDateTime::now_utc();
+
+    refresh_job().await.run(None).await;
+
+    for (((account, id, used), before), (_, in_use)) in connections.iter().zip(befores).zip(cases) {
+        let after = eventually(&user, id, "refreshed", |c| c.version > before.version).await;
+        assert_eq!(refresh_grants(account).await, 1, "used {used:?}: refreshed");
+        let expires = after.access_token_expires_at.unwrap();
+        let due = after.refresh_due_at.unwrap();
+        if in_use {
+            assert_eq!(due, expires - Duration::minutes(15), "used {used:?}");
+        } else {
+            // The keep-alive: at the connection's own point of the day, half a day to a day
+            // and a half from now (tests in shared/src/model.rs pin the point and the spread).
+            assert!(
+                due >= ran_at + Duration::hours(12) && due <= ran_at + Duration::hours(36),
+                "used {used:?}: next keep-alive at {due}, refreshed at {ran_at}"
+            );
+        }
+        assert_eq!(
+            after.last_used_at, before.last_used_at,
+            "a refresh is no use"
+        );
+    }
+
+    // Not due again: a second run leaves them all alone.
+    refresh_job().await.run(None).await;
+    for (account, _, used) in &connections {
+        assert_eq!(refresh_grants(account).await, 1, "used {used:?}");
+    }
+}
+
+/// `REFRESH_POLICY=eager`: idle connections are refreshed before they expire too. (Refreshed
+/// under a lease this test takes itself: every other test's job run is usage-aware.)
+#[tokio::test]
+async fn the_eager_policy_keeps_idle_connections_fresh_too() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+    let key = shared::store::ConnectionKey {
+        user_id: UserId::parse(&user).unwrap(),
+        connection_id: id.clone(),
+    };
+    // Idle and not due, so that no other run takes it; then leased by this test.
+    idle_and_due(&user, &id, None, 1).await;
+    rewrite(&user, &id, |c| {
+        c.refresh_due_at = Some(minutes_from_now(20 * 60))
+    })
+    .await;
+    let mut env = environment().await;
+    let now = OffsetDateTime::now_utc();
+    let leased = env
+        .store()
+        .take_refresh_lease(&key, "eager-test", now, now + Duration::seconds(60))
+        .await
+        .unwrap();
+    env.config.refresh_policy = shared::RefreshPolicy::Eager;
+    let eager = shared::refresh::Refresher::new(&env, env.klaviyo().await.unwrap());
+    let (outcome, _) = eager.refresh_leased(leased, now, "eager-test").await;
+
+    assert_eq!(outcome, shared::refresh::Outcome::Refreshed);
+    assert_eq!(refresh_grants(&account).await, 1);
+    let after = stored(&user, &id).await;
+    assert_eq!(
+        after.refresh_due_at,
+        Some(after.access_token_expires_at.unwrap() - Duration::minutes(15))
+    );
+}
+
+/// An idle connection's token is expired most of the time and nobody calls with it: a failed
+/// keep-alive backs off without a Degraded event. A connection in use is degraded.
+#[tokio::test]
+async fn a_failing_keep_alive_of_an_idle_connection_is_not_reported_degraded() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let mut connections = Vec::new();
+    for used in [None, Some(1)] {
+        let account = klaviyo_account();
+        let id = connected_id(&token, &account).await;
+        inject_fault(
+            json!({"endpoint": "token", "account": account, "kind": "status", "status": 503}),
+        )
+        .await;
+        connections.push((id, used));
+    }
+    for (id, used) in &connections {
+        idle_and_due(&user, id, *used, -120).await;
+    }
+
+    refresh_job().await.run(None).await;
+
+    for (id, used) in &connections {
+        let after = eventually(&user, id, "backed off", |c| c.refresh_failures > 0).await;
+        assert_eq!(after.refresh_failures, 1);
+        assert_eq!(after.degraded, used.is_some(), "used {used:?}");
+    }
 }

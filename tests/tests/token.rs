@@ -6,7 +6,8 @@ use e2e::fault_proxy::{Failure, Matcher, Stage};
 use e2e::lambda::Outcome;
 use e2e::{
     connect_api_key, connect_due, connected_id, environment, inject_fault, klaviyo_account,
-    refresh_grants, register_api_key, remove_app, stored, time_of, token_for, unique,
+    minutes_from_now, refresh_grants, register_api_key, remove_app, rewrite, stored, time_of,
+    token_for, unique,
 };
 use serde_json::{Value, json};
 use shared::Credentials;
@@ -309,15 +310,87 @@ async fn handing_out_records_the_use_at_most_once_an_hour() {
     assert_eq!(stored(&user, &id).await.last_used_at, Some(at));
 
     // An hour later (the recorded use moved back): written again.
-    let mut earlier = stored(&user, &id).await;
-    earlier.last_used_at = Some(at - time::Duration::minutes(61));
-    let version = earlier.version;
-    environment()
-        .await
-        .store()
-        .update_connection_if_version(&earlier, version)
-        .await
-        .unwrap();
+    rewrite(&user, &id, |c| {
+        c.last_used_at = Some(at - time::Duration::minutes(61));
+    })
+    .await;
     for_connection(&user, &id).await;
     assert!(stored(&user, &id).await.last_used_at > Some(at - time::Duration::minutes(1)));
+}
+
+/// Makes a connection idle under the usage-aware policy, as after its last keep-alive: authorised
+/// three days ago, never used, its token expiring in `expires_in` minutes and its next
+/// keep-alive twenty hours away.
+async fn idle(user: &str, id: &str, expires_in: i64) -> shared::Connection {
+    rewrite(user, id, |c| {
+        c.authorized_at = minutes_from_now(-3 * 24 * 60);
+        c.last_used_at = None;
+        c.access_token_expires_at = Some(minutes_from_now(expires_in));
+        c.refresh_due_at = Some(minutes_from_now(20 * 60));
+    })
+    .await
+}
+
+/// Handed out for an idle connection whose token still works: the token as stored, and the
+/// connection back on the eager schedule in the same write that records the use (no refresh).
+#[tokio::test]
+async fn a_credential_handed_out_for_an_idle_connection_puts_it_back_on_the_eager_schedule() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+    let before = idle(&user, &id, 50).await;
+
+    let answer = for_connection(&user, &id).await;
+    assert_eq!(
+        answer["authorization"],
+        format!("Bearer {}", stored_access_token(&user, &id).await)
+    );
+    let after = stored(&user, &id).await;
+    let expires = before.access_token_expires_at.unwrap();
+    assert_eq!(
+        after.refresh_due_at,
+        Some(expires - time::Duration::minutes(15)),
+        "refreshed before it expires from now on"
+    );
+    assert!(after.last_used_at.is_some());
+    assert_eq!(after.version, before.version, "credentials untouched");
+    assert_eq!(refresh_grants(&account).await, 0, "no refresh of its own");
+    // The due index carries it: the job finds it when due (here: made due now).
+    e2e::due_now(&user, &id).await;
+    e2e::refresh_job().await.run(None).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while refresh_grants(&account).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Handed out for an idle connection whose token has expired: refreshed first (the caller
+/// waits for Klaviyo once), and kept fresh after.
+#[tokio::test]
+async fn an_idle_connection_whose_token_expired_is_refreshed_first_and_kept_fresh_after() {
+    let user = unique("user");
+    let token = token_for(&user).await;
+    let account = klaviyo_account();
+    let id = connected_id(&token, &account).await;
+    let before = idle(&user, &id, -120).await;
+
+    let answer = for_connection(&user, &id).await;
+    assert_eq!(refresh_grants(&account).await, 1, "refreshed first");
+    let after = stored(&user, &id).await;
+    assert_eq!(
+        answer["authorization"],
+        format!("Bearer {}", stored_access_token(&user, &id).await)
+    );
+    let expires = time_of(&answer["expiresAt"]);
+    assert!(expires > OffsetDateTime::now_utc() + time::Duration::minutes(55));
+    assert_eq!(after.access_token_expires_at, Some(expires));
+    assert_eq!(
+        after.refresh_due_at,
+        Some(expires - time::Duration::minutes(15)),
+        "in use now: refreshed before it expires"
+    );
+    assert!(after.last_used_at.is_some(), "the refresh recorded the use");
+    assert_eq!(after.version, before.version + 1);
 }
