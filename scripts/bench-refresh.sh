@@ -3,7 +3,10 @@
 #   scripts/bench-refresh.sh [N=10000] [LATENCY_MS=50] [CONCURRENCY=64] [N2 ...]
 # Brings up a local stack of its own (moto + Klaviyo sandbox), prints the emulators' floor,
 # then for each N: seeds N connections due for refresh and runs the refresh job over them
-# with LATENCY_MS added to every Klaviyo token call. Prints connections/second and peak RSS.
+# with LATENCY_MS added to every Klaviyo token call. Prints connections/second, the job's CPU
+# per connection, peak RSS, the AWS calls per refreshed connection and the size of what each
+# refresh writes. With COST_OUT=<prefix> it also writes <prefix>.calls.json and
+# <prefix>.items.json for scripts/cost.py (docs/COST.md).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -31,4 +34,5 @@ bench floor
 for n in "${sizes[@]}"; do
   bench seed "$n"
   bench_as_refresh run "$latency"
+  bench sizes
 done

@@ -93,6 +93,9 @@ scripts/fuzz.sh 25 90
 step "The settings page in Chromium (playwright-core)"
 scripts/browser-test.sh
 
+step "docs/COST.md is what scripts/cost.py prints from the recorded benchmark run"
+python3 scripts/cost.py docs/cost/2026-11-27 --check docs/COST.md
+
 step "The host-service examples (Python, Node) get credentials from the token function"
 scripts/host-examples.sh
 

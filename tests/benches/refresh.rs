@@ -4,16 +4,26 @@
 //!
 //! - `seed N`     N OAuth connections due for refresh, with real tokens minted by the sandbox
 //! - `run MS`     the refresh job (the library the `refresh` function runs) over everything
-//!   due, with MS of added latency on every Klaviyo token call; prints connections/second
-//!   and peak RSS. Concurrency comes from `REFRESH_CONCURRENCY`, as in the function.
+//!   due, with MS of added latency on every Klaviyo token call, in a child process (`job`)
+//!   whose AWS endpoint is a counting proxy: prints connections/second, the job's CPU per
+//!   connection, peak RSS, and the AWS calls per refreshed connection. Concurrency comes from
+//!   `REFRESH_CONCURRENCY`, as in the function.
+//! - `sizes`      the DynamoDB size of refreshed connection items and of their index entries,
+//!   from which write units follow (DynamoDB's item size rules)
 //! - `floor`      the emulators' own round-trip times, to read the figures against
+//!
+//! With `COST_OUT=<prefix>`, `run` and `sizes` also write `<prefix>.calls.json` and
+//! `<prefix>.items.json`, which `scripts/cost.py` turns into the cost model (docs/COST.md).
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use e2e::cpu_seconds;
+use e2e::fault_proxy::FaultProxy;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use shared::{
     AuthType, Connection, ConnectionStatus, Credentials, Environment, Purpose, Secret, UserId,
 };
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 
@@ -29,9 +39,11 @@ async fn main() {
     match args.first().map(String::as_str) {
         Some("seed") => seed(number(1, 10_000) as usize).await,
         Some("run") => run(number(1, 50)).await,
+        Some("job") => job(number(1, 50)).await,
+        Some("sizes") => sizes().await,
         Some("floor") => floor().await,
         _ => eprintln!(
-            "usage: refresh (seed N | run LATENCY_MS | floor); see scripts/bench-refresh.sh"
+            "usage: refresh (seed N | run LATENCY_MS | sizes | floor); see scripts/bench-refresh.sh"
         ),
     }
 }
@@ -139,7 +151,51 @@ async fn set_latency(ms: u64) {
     }
 }
 
+/// Runs the job in a child process whose AWS endpoint is a counting proxy in front of the
+/// stack's: the child's CPU and memory are the job's alone, and every AWS call it makes is
+/// counted here.
 async fn run(latency_ms: u64) {
+    let upstream = std::env::var("AWS_ENDPOINT_URL").expect("run through scripts/bench-refresh.sh");
+    let proxy = FaultProxy::start(&upstream).await;
+    let output = tokio::process::Command::new(std::env::current_exe().expect("this benchmark"))
+        .args(["job", &latency_ms.to_string()])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .expect("the job process");
+    assert!(output.status.success(), "the job failed");
+    let mut summary = Value::Null;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        match line.strip_prefix("SUMMARY ") {
+            Some(json) => summary = serde_json::from_str(json).expect("the job's summary"),
+            None => println!("{line}"),
+        }
+    }
+    let refreshed = summary["refreshed"].as_u64().unwrap_or(0).max(1) as f64;
+    let mut calls: BTreeMap<String, u64> = BTreeMap::new();
+    for exchange in proxy.take_exchanges() {
+        *calls.entry(exchange.what).or_default() += 1;
+    }
+    let per: BTreeMap<String, f64> = calls
+        .iter()
+        .map(|(what, n)| (what.clone(), *n as f64 / refreshed))
+        .collect();
+    println!(
+        "AWS calls per refreshed connection: {}",
+        per.iter()
+            .map(|(what, n)| format!("{what} {n:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Ok(prefix) = std::env::var("COST_OUT") {
+        let record = json!({"job": summary, "calls": calls, "calls_per_refresh": per});
+        std::fs::write(format!("{prefix}.calls.json"), record.to_string()).expect("COST_OUT");
+    }
+}
+
+/// The job itself (the child of `run`).
+async fn job(latency_ms: u64) {
     set_latency(latency_ms).await;
     let env = Environment::load().await.expect("local stack environment");
     let klaviyo = env.klaviyo().await.expect("Klaviyo client");
@@ -181,6 +237,134 @@ async fn run(latency_ms: u64) {
         1e3 / per(job_cpu),
         1e3 / per(moto_cpu),
     );
+    let summary = json!({
+        "refreshed": summary.refreshed,
+        "selected": summary.selected,
+        "failed": summary.failed,
+        "seconds": seconds,
+        "job_cpu_ms_per_refresh": per(job_cpu),
+        "concurrency": concurrency,
+        "latency_ms": latency_ms,
+        "peak_rss_mb": memory("VmHWM") / 1024.0,
+    });
+    println!("SUMMARY {summary}");
+}
+
+/// DynamoDB's size of an attribute value (its item size rules: strings and binaries by
+/// length, numbers by significant digits, lists and maps 3 bytes plus 1 per element).
+fn value_size(value: &AttributeValue) -> usize {
+    match value {
+        AttributeValue::S(s) => s.len(),
+        AttributeValue::N(n) => {
+            let digits = n.trim_start_matches('-').replace('.', "");
+            let significant = digits.trim_start_matches('0').trim_end_matches('0').len();
+            significant.div_ceil(2) + 1
+        }
+        AttributeValue::B(b) => b.as_ref().len(),
+        AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+        AttributeValue::Ss(items) => items.iter().map(String::len).sum(),
+        AttributeValue::L(items) => 3 + items.iter().map(|v| value_size(v) + 1).sum::<usize>(),
+        AttributeValue::M(map) => {
+            3 + map
+                .iter()
+                .map(|(k, v)| k.len() + value_size(v) + 1)
+                .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+fn item_size(item: &std::collections::HashMap<String, AttributeValue>) -> usize {
+    item.iter().map(|(k, v)| k.len() + value_size(v)).sum()
+}
+
+/// Sizes of refreshed connection items (found through the due index: due again within two
+/// hours) and of their entries in the keys-only due index (its keys, the table's keys and
+/// 100 bytes of overhead, by DynamoDB's rules).
+async fn sizes() {
+    let env = Environment::load().await.expect("local stack environment");
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let client = aws_sdk_dynamodb::Client::new(&sdk);
+    let table = env.config.table_name.clone();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let mut items = Vec::new();
+    for bucket in 0..shared::store::DUE_BUCKETS {
+        let page = client
+            .query()
+            .table_name(&table)
+            .index_name(shared::store::DUE_INDEX)
+            .key_condition_expression("due_bucket = :b AND due_at BETWEEN :from AND :to")
+            .expression_attribute_values(":b", AttributeValue::S(format!("refresh#{bucket:02}")))
+            .expression_attribute_values(":from", AttributeValue::N(now.to_string()))
+            .expression_attribute_values(":to", AttributeValue::N((now + 7200).to_string()))
+            .limit(10)
+            .send()
+            .await
+            .expect("due index");
+        for key in page.items() {
+            let item = client
+                .get_item()
+                .table_name(&table)
+                .key("pk", key["pk"].clone())
+                .key("sk", key["sk"].clone())
+                .consistent_read(true)
+                .send()
+                .await
+                .expect("item");
+            if let Some(item) = item.item().filter(|i| i.contains_key("last_refreshed_at")) {
+                items.push(item.clone());
+            }
+        }
+    }
+    assert!(
+        !items.is_empty(),
+        "no refreshed connection found: run `run` first"
+    );
+    let sizes: Vec<usize> = items.iter().map(item_size).collect();
+    let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+    let max = *sizes.iter().max().expect("sizes");
+    let blob = items
+        .iter()
+        .filter_map(|i| i.get("credentials").map(value_size))
+        .max()
+        .unwrap_or(0);
+    let index_entry = items
+        .iter()
+        .map(|i| {
+            ["pk", "sk", "due_bucket", "due_at"]
+                .iter()
+                .map(|k| k.len() + i.get(*k).map_or(0, value_size))
+                .sum::<usize>()
+                + 100
+        })
+        .max()
+        .unwrap_or(0);
+    // The KMS ciphertext of a data key, as this stack's KMS makes it (AWS's is 184 bytes).
+    let local_kms_blob = aws_sdk_kms::Client::new(&sdk)
+        .generate_data_key()
+        .key_id(&env.config.kms_key_id)
+        .number_of_bytes(32)
+        .encryption_context("purpose", "bench-sizes")
+        .send()
+        .await
+        .expect("data key")
+        .ciphertext_blob()
+        .map_or(0, |b| b.as_ref().len());
+    println!(
+        "connection item after a refresh: mean {mean:.0} bytes, max {max} (sealed credentials {blob}; a data key's KMS ciphertext here {local_kms_blob} bytes) | due-index entry {index_entry} bytes | {} items",
+        items.len()
+    );
+    if let Ok(prefix) = std::env::var("COST_OUT") {
+        let record = json!({
+            "item_bytes_mean": mean,
+            "item_bytes_max": max,
+            "sealed_credentials_bytes": blob,
+            "local_kms_ciphertext_bytes": local_kms_blob,
+            "index_entry_bytes": index_entry,
+            "items": items.len(),
+        });
+        std::fs::write(format!("{prefix}.items.json"), record.to_string()).expect("COST_OUT");
+    }
 }
 
 /// The moto server of the benchmark's stack (its pid file in `LOCAL_STACK_DIR`).

@@ -640,6 +640,20 @@ fn parameters_accept_only_what_the_functions_accept() {
         "off",
         "Required",
         "OFF",
+        "usage-aware",
+        "eager",
+        "Eager",
+        "24h",
+        "1h",
+        "720h",
+        "721h",
+        "0h",
+        "2d",
+        "30d",
+        "31d",
+        "90m",
+        "86400s",
+        "1.5h",
     ]
     .iter()
     .map(|s| s.to_string())
