@@ -55,16 +55,18 @@ def per_refresh(calls, items, args):
     wru_item = (count(".UpdateItem") + count(".PutItem")) * units(leased, KB)
     # A refresh moves due_at, an index key: the old entry is deleted and a new one written.
     wru_index = 2 * units(items["index_entry_bytes"], KB)
-    # Query on the keys-only index: eventually consistent, 4 KB per unit, entries summed.
-    rru = count(".Query") * 0.5 * units(items["index_entry_bytes"] * 1000, 4 * KB) / 1000
+    # Query on the keys-only index: eventually consistent, half a unit per started 4 KB of
+    # the entries returned (each refreshed connection's entry read once), per query.
+    rru = 0.5 * items["index_entry_bytes"] / (4 * KB) + count(".Query") * 0.5
     kms = count("TrentService.Decrypt") + count("TrentService.GenerateDataKey")
     # The job's billed time per refresh: one worker's wait, shared by the concurrent workers.
     aws_calls = sum(per.values())
     wall_ms = args.klaviyo_ms + aws_calls * args.aws_ms + calls["job"]["job_cpu_ms_per_refresh"]
     gb_seconds = wall_ms / 1000 / args.concurrency * args.refresh_memory_mb / 1024
-    # Every refresh is a stream record: the events function is invoked once per full batch
-    # (a refresh derives no event, so no PutEvents) and Lambda logs its three platform lines.
-    events_invocations = 1 / args.events_batch
+    # Both writes of a refresh (the lease and the result) are stream records: the events
+    # function reads them in full batches (a refresh derives no event, so no PutEvents), and
+    # Lambda logs its three platform lines per invocation.
+    events_invocations = (count(".UpdateItem") + count(".PutItem")) / args.events_batch
     events_gb_seconds = events_invocations * args.events_ms / 1000 * 128 / 1024
     log_bytes = args.log_line_bytes + events_invocations * args.platform_log_bytes
     lines = {
@@ -133,11 +135,17 @@ def refresh_lines_item_gb(args):
 
 
 def handouts(n, args, items):
-    """Host traffic, the same under both policies: per month."""
+    """Host traffic, the same under both policies: per month. Each hand-out reads the item
+    (strongly consistent) and logs a line; a container opens each connection's credentials
+    with KMS once per refresh of it (32 a day for a used connection) and hands them out again
+    without KMS until the next."""
     count = n * args.used * args.handouts * DAYS_PER_MONTH
     read = units(args._item_bytes, 4 * KB) * PRICE["dynamodb_read_unit"]
     lambda_cost = PRICE["lambda_request"] + args.token_ms / 1000 * 256 / 1024 * PRICE["lambda_gb_second_arm"]
-    return count * (read + lambda_cost), count
+    logs = (args.handout_log_bytes + args.platform_log_bytes) / 1e9 * PRICE["logs_ingested_gb"]
+    eager_per_day = 24 * 60 / (args.token_minutes - 15)
+    opens = n * args.used * min(args.handouts, eager_per_day * args.token_containers) * DAYS_PER_MONTH
+    return count * (read + lambda_cost + logs) + opens * PRICE["kms_request"], count
 
 
 def money(x):
@@ -162,6 +170,8 @@ def main():
     parser.add_argument("--events-ms", type=float, default=2, help="billed ms of an events invocation without events")
     parser.add_argument("--token-ms", type=float, default=6, help="billed ms of a warm token hand-out")
     parser.add_argument("--token-bytes", type=float, default=SANDBOX_TOKEN_BYTES, help="access and refresh token together, as Klaviyo issues them")
+    parser.add_argument("--token-containers", type=float, default=2, help="warm token-function containers each used connection is handed out from")
+    parser.add_argument("--handout-log-bytes", type=float, default=230, help="the credential_issued line, with CloudWatch's overhead")
     parser.add_argument("--log-line-bytes", type=float, default=210, help="the token_refreshed line, with CloudWatch's overhead")
     parser.add_argument("--platform-log-bytes", type=float, default=450, help="START, END and REPORT lines of an invocation")
     args = parser.parse_args()
@@ -214,7 +224,7 @@ def report(args):
             print(f"| {line} | {money(eager[line])} | {money(aware[line])} |")
         te, ta = sum(eager.values()), sum(aware.values())
         print(f"| **keeping connections fresh** | **{money(te)}** | **{money(ta)}** (1/{te / ta:.1f}) |")
-        print(f"| host traffic: {count:,.0f} hand-outs (token function, GetItem) | {money(traffic)} | {money(traffic)} |")
+        print(f"| host traffic: {count:,.0f} hand-outs (token function: a read, a log line, KMS once per refresh per container) | {money(traffic)} | {money(traffic)} |")
         print(f"| **in all** | **{money(te + traffic)}** | **{money(ta + traffic)}** (1/{(te + traffic) / (ta + traffic):.1f}) |")
         print(f"| Klaviyo token calls a day | {eager_refreshes:,.0f} | {aware_refreshes:,.0f} |")
         print()

@@ -247,8 +247,10 @@ impl<F: Fn(&str) -> Option<String>> Lookup<'_, F> {
         else {
             unreachable!("the default policy is usage-aware");
         };
-        let active_window = self.duration("REFRESH_ACTIVE_WINDOW", active_window)?;
-        let idle_interval = self.duration("REFRESH_IDLE_INTERVAL", idle_interval)?;
+        // The window is at least two hours: a use is recorded at most once an hour, so a
+        // service calling every half hour would otherwise look idle now and then.
+        let active_window = self.duration("REFRESH_ACTIVE_WINDOW", active_window, 2)?;
+        let idle_interval = self.duration("REFRESH_IDLE_INTERVAL", idle_interval, 1)?;
         match self.optional("REFRESH_POLICY").as_deref() {
             None | Some("usage-aware") => Ok(RefreshPolicy::UsageAware {
                 active_window,
@@ -263,12 +265,13 @@ impl<F: Fn(&str) -> Option<String>> Lookup<'_, F> {
     }
 
     /// A duration of whole seconds, minutes, hours or days (`86400s`, `1440m`, `24h`, `1d`),
-    /// from an hour (how often a use is recorded) to 30 days (well inside the 90 days a
-    /// Klaviyo refresh token lives unused).
+    /// from `min_hours` hours (how often a use is recorded, or twice that) to 30 days (well
+    /// inside the 90 days a Klaviyo refresh token lives unused).
     fn duration(
         &self,
         name: &'static str,
         default: time::Duration,
+        min_hours: i32,
     ) -> Result<time::Duration, ConfigError> {
         let Some(raw) = self.optional(name) else {
             return Ok(default);
@@ -276,7 +279,9 @@ impl<F: Fn(&str) -> Option<String>> Lookup<'_, F> {
         let invalid = || {
             ConfigError::new(
                 name,
-                "must be a duration such as `24h`, `90m` or `2d` (s, m, h or d), from 1h to 30d",
+                format!(
+                    "must be a duration such as `24h`, `90m` or `2d` (s, m, h or d), from {min_hours}h to 30d"
+                ),
             )
         };
         let split = raw.len() - raw.chars().last().map_or(0, char::len_utf8);
@@ -293,7 +298,7 @@ impl<F: Fn(&str) -> Option<String>> Lookup<'_, F> {
             false => return Err(invalid()),
         };
         let duration = time::Duration::seconds(value.checked_mul(seconds_per).ok_or_else(invalid)?);
-        (USE_RECORDED_EVERY..=time::Duration::days(30))
+        (USE_RECORDED_EVERY * min_hours..=time::Duration::days(30))
             .contains(&duration)
             .then_some(duration)
             .ok_or_else(invalid)
@@ -568,12 +573,12 @@ mod tests {
             RefreshPolicy::default()
         );
         let mut vars = base();
-        vars.insert("REFRESH_ACTIVE_WINDOW", "90m");
+        vars.insert("REFRESH_ACTIVE_WINDOW", "150m");
         vars.insert("REFRESH_IDLE_INTERVAL", "2d");
         assert_eq!(
             load(&vars).unwrap().refresh_policy,
             RefreshPolicy::UsageAware {
-                active_window: time::Duration::minutes(90),
+                active_window: time::Duration::minutes(150),
                 idle_interval: hours(48),
             }
         );
@@ -608,6 +613,7 @@ mod tests {
             ("REFRESH_POLICY", "lazy"),
             ("REFRESH_ACTIVE_WINDOW", "24"),
             ("REFRESH_ACTIVE_WINDOW", "59m"),
+            ("REFRESH_ACTIVE_WINDOW", "1h"),
             ("REFRESH_ACTIVE_WINDOW", "31d"),
             ("REFRESH_IDLE_INTERVAL", "1.5h"),
             ("REFRESH_IDLE_INTERVAL", "-2h"),

@@ -140,8 +140,8 @@ impl Connection {
     /// cannot name a connection.
     pub fn parse_id(raw: &str) -> Option<String> {
         Uuid::try_parse(raw)
-            .is_ok()
-            .then(|| raw.to_ascii_lowercase())
+            .ok()
+            .map(|id| id.hyphenated().to_string())
     }
 
     /// Klaviyo has been failing for this connection and the refresh job is backing off
@@ -233,10 +233,10 @@ impl RefreshPolicy {
         let eager = (expires_at - REFRESH_LEAD).max(now + MIN_REFRESH_INTERVAL);
         match self {
             Self::UsageAware { idle_interval, .. } if !self.in_use(connection, now) => {
-                // Half an interval ahead at least: a keep-alive that ran at its point finds
-                // the next one a whole interval later; one that follows a period of use
-                // comes within half to one and a half intervals.
-                spread_due(&connection.id, now + *idle_interval / 2, *idle_interval).max(eager)
+                // The connection's next point: a keep-alive that ran at its point (a few
+                // minutes late) finds the next one a whole interval later; the first after a
+                // period of use comes within an interval.
+                spread_due(&connection.id, now, *idle_interval).max(eager)
             }
             _ => eager,
         }
@@ -606,13 +606,13 @@ mod tests {
         assert!(policy.in_use(&connection, now));
         assert_eq!(policy.next_refresh(&connection, expires, now), eager);
 
-        // Idle: the keep-alive at the connection's own point of the day, half a day to a day
-        // and a half away; a keep-alive run at its point finds the next a day later.
+        // Idle: the keep-alive at the connection's own point of the day, within a day (never
+        // before the eager time); a keep-alive run at its point finds the next a day later.
         connection.last_used_at = Some(now - hours(24));
         assert!(!policy.in_use(&connection, now));
         let keep_alive = policy.next_refresh(&connection, expires, now);
         assert!(
-            keep_alive >= now + hours(12) && keep_alive < now + hours(36),
+            keep_alive >= eager && keep_alive <= now + hours(24),
             "{keep_alive}"
         );
         let ran = keep_alive + minutes(4);
@@ -646,8 +646,9 @@ mod tests {
         for i in 0..10_000 {
             let mut c = connection.clone();
             c.id = format!("connection-{i}");
-            let due = policy.next_refresh(&c, expires, now);
-            slots[((due - now - hours(12)).whole_hours()) as usize] += 1;
+            let due = spread_due(&c.id, now, hours(24));
+            assert_eq!(policy.next_refresh(&c, expires, now), due.max(eager));
+            slots[((due - now).whole_hours()) as usize] += 1;
         }
         assert!(slots.iter().all(|&n| (300..=540).contains(&n)), "{slots:?}");
     }

@@ -890,9 +890,10 @@ impl AccessTokens {
         let now = OffsetDateTime::now_utc();
         if connection.status == ConnectionStatus::Active && self.usable_as_stored(&connection, now)
         {
-            let issued = self.stored(&connection).await?;
-            self.note_use(&key, &connection, now).await;
-            return Ok(issued.credential);
+            return Ok(self
+                .stored_for_use(&key, &connection, now)
+                .await?
+                .credential);
         }
         Ok(self.issue(&key, Some(connection)).await?.credential)
     }
@@ -900,8 +901,8 @@ impl AccessTokens {
     /// Records that a credential of `connection` (as read before it was handed out, as
     /// stored) was handed out at `now`: at most once an hour, best effort (a failure is
     /// logged; the next hand-out tries again). An idle connection (usage-aware) goes back on
-    /// the eager schedule in the same write. A credential refreshed first by `issue` needs
-    /// none of this: the refresh records the use itself.
+    /// the eager schedule in the same write. `issue` records its own hand-outs (a refresh it
+    /// makes records the use in its write).
     pub async fn note_use(
         &self,
         key: &ConnectionKey,
@@ -967,7 +968,7 @@ impl AccessTokens {
             // Stored credentials are opened only when they are what is handed out; the
             // refresh path opens them itself (one KMS call either way).
             if self.usable_as_stored(&connection, now) {
-                return self.stored(&connection).await;
+                return self.stored_for_use(key, &connection, now).await;
             }
             let still_valid = connection
                 .access_token_expires_at
@@ -975,7 +976,7 @@ impl AccessTokens {
             // No refresh of our own while the job backs off; the current token while it works.
             if connection.backing_off(now) {
                 return match still_valid {
-                    true => self.stored(&connection).await,
+                    true => self.stored_for_use(key, &connection, now).await,
                     false => Err(AccessTokenError::Unavailable(
                         "Klaviyo is failing; the refresh is retried later".into(),
                     )),
@@ -989,7 +990,7 @@ impl AccessTokens {
                 Ok(mut leased) if leased.version == connection.version => {
                     // Refreshed because a credential is handed out: the refresh records the
                     // use, and schedules the next one as for a connection in use.
-                    leased.last_used_at = Some(now);
+                    leased.last_used_at = now.replace_nanosecond(0).ok();
                     // In a task of its own: a caller that gives up (drops this future) must not
                     // cancel a refresh after Klaviyo has rotated the token and before it is
                     // stored.
@@ -1016,7 +1017,7 @@ impl AccessTokens {
                             | Outcome::ClientRejected,
                             _,
                         ) if still_valid => {
-                            return self.stored(&connection).await;
+                            return self.stored_for_use(key, &connection, now).await;
                         }
                         (
                             Outcome::Failed
@@ -1045,6 +1046,19 @@ impl AccessTokens {
         Err(AccessTokenError::Unavailable(
             "the connection is busy being refreshed".into(),
         ))
+    }
+
+    /// The stored credentials of `connection` as read, handed out now: opened, and the use
+    /// recorded.
+    async fn stored_for_use(
+        &self,
+        key: &ConnectionKey,
+        connection: &Connection,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCredential, AccessTokenError> {
+        let issued = self.stored(connection).await?;
+        self.note_use(key, connection, now).await;
+        Ok(issued)
     }
 
     /// The connection's stored credentials, as handed out (one KMS call).

@@ -190,9 +190,21 @@ impl Tokens {
         }
         let account = connection.klaviyo_account_id.clone();
         let now = OffsetDateTime::now_utc();
-        let (issued, source) = self.credential(&key, &connection, now).await?;
-        if source != Source::Refreshed {
+        let (issued, source) = match self.credential(&key, &connection, now).await {
+            Ok(issued) => issued,
+            Err(TokenError::Unavailable) => {
+                // Asked for while Klaviyo fails: still a use (an idle connection whose
+                // keep-alive keeps failing becomes Degraded once it is wanted).
+                if let Ok(access) = self.access().await {
+                    access.note_use(&key, &connection, now).await;
+                }
+                return Err(TokenError::Unavailable);
+            }
+            Err(e) => return Err(e),
+        };
+        if matches!(source, Source::Kept | Source::Stored) {
             // Best effort, at most once an hour: the answer does not wait on a failure.
+            // (`issue`, behind `Source::Refreshed`, records its own.)
             self.access().await?.note_use(&key, &connection, now).await;
         }
         Ok((key, issued, account, source))

@@ -78,7 +78,8 @@ async fn seed(n: usize) {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let seeded = futures::stream::iter(pairs.into_iter().enumerate())
         .map(|(i, pair)| {
-            let (store, sealer, account, run) = (&store, &sealer, &account, &run);
+            let (store, sealer, account, run, scopes) =
+                (&store, &sealer, &account, &run, &env.config.klaviyo.scopes);
             async move {
                 let user = UserId::parse(&format!("bench-{run}-{i}")).expect("user id");
                 let id = Connection::id_for(&user, account);
@@ -103,7 +104,9 @@ async fn seed(n: usize) {
                     klaviyo_account_name: "Bench Org".into(),
                     auth_type: AuthType::OAuth,
                     status: ConnectionStatus::Active,
-                    scopes: vec!["accounts:read".into()],
+                    // As a connection in use carries them: the default scopes, a recorded use
+                    // and a verification (the item's size is what a refresh pays for).
+                    scopes: scopes.clone(),
                     connected_at: now,
                     updated_at: now,
                     last_refreshed_at: None,
@@ -113,8 +116,8 @@ async fn seed(n: usize) {
                     authorized_at: now,
                     status_reason: None,
                     degraded: false,
-                    last_verified_at: None,
-                    last_used_at: None,
+                    last_verified_at: Some(now),
+                    last_used_at: Some(now - time::Duration::hours(1)),
                     credentials: sealed,
                     version: 0,
                 };

@@ -645,6 +645,7 @@ fn parameters_accept_only_what_the_functions_accept() {
         "Eager",
         "24h",
         "1h",
+        "2h",
         "720h",
         "721h",
         "0h",

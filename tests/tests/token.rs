@@ -185,15 +185,10 @@ async fn with_klaviyo_down_a_token_that_still_works_is_handed_out_and_refreshes_
     e2e::clear_faults(&account).await;
 
     // Expired and still backing off: unavailable at once, without asking Klaviyo.
-    let mut expired = stored(&user, &id).await;
-    expired.access_token_expires_at = Some(OffsetDateTime::now_utc() - time::Duration::seconds(1));
-    let version = expired.version;
-    environment()
-        .await
-        .store()
-        .update_connection_if_version(&expired, version)
-        .await
-        .unwrap();
+    rewrite(&user, &id, |c| {
+        c.access_token_expires_at = Some(OffsetDateTime::now_utc() - time::Duration::seconds(1));
+    })
+    .await;
     assert_eq!(
         for_connection(&user, &id).await["error"]["code"],
         "unavailable"
@@ -227,15 +222,10 @@ async fn a_warm_container_hands_out_what_it_opened_without_kms_until_the_connect
 
     // The connection changes (a refresh writes new tokens): opened again, which needs KMS.
     e2e::set_token_lifetime(&account, 3600).await;
-    let mut changed = stored(&user, &id).await;
-    changed.access_token_expires_at = Some(OffsetDateTime::now_utc() + time::Duration::minutes(50));
-    let version = changed.version;
-    environment()
-        .await
-        .store()
-        .update_connection_if_version(&changed, version)
-        .await
-        .unwrap();
+    let changed = rewrite(&user, &id, |c| {
+        c.access_token_expires_at = Some(OffsetDateTime::now_utc() + time::Duration::minutes(50));
+    })
+    .await;
     let refused = answered(ask().await);
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
     stage.clear(KMS).await;
