@@ -11,6 +11,9 @@ cd "$root"
 n="${1:-1000}"
 
 scripts/venv.sh
+# A port of its own for the stack's API URL, so its stream pump never feeds `make dev`'s functions.
+LOCAL_API_PORT="$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export LOCAL_API_PORT
 echo "Building the release binaries..." >&2
 cargo build -q --release -p connect -p callback -p accounts -p disconnect -p refresh -p token >&2
 echo "Building the benchmark..." >&2

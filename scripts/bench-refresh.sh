@@ -15,6 +15,9 @@ export REFRESH_CONCURRENCY="${3:-64}"
 sizes=("${1:-10000}" "${@:4}")
 
 scripts/venv.sh
+# A port of its own for the stack's API URL, so its stream pump never feeds `make dev`'s functions.
+LOCAL_API_PORT="$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export LOCAL_API_PORT
 export LOCAL_STACK_DIR="$root/.local/bench-$$"
 trap 'scripts/local-stack.sh down' EXIT
 eval "$(scripts/local-stack.sh up)"

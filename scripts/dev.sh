@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make dev`: the whole system on this machine: local AWS (moto, with the connection events'
 # bus and the stream pump), the local Klaviyo sandbox
-# on http://127.0.0.1:${LOCAL_SANDBOX_PORT:-9100}, the six functions under `cargo lambda
+# on http://127.0.0.1:${LOCAL_SANDBOX_PORT:-9100}, the seven functions under `cargo lambda
 # watch` on http://127.0.0.1:${LOCAL_API_PORT:-9000} (rebuilt as you edit), the example
 # settings page on http://127.0.0.1:${LOCAL_FRONTEND_PORT:-9300}/settings with a dev sign-in
 # link, and a ready JWT.
