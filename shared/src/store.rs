@@ -390,7 +390,7 @@ impl Store {
             Some(item) if !item.is_empty() => Some(decode_connection(item)?),
             _ => None,
         };
-        let mut stored = connection.clone();
+        let mut stored = as_stored(connection);
         if let Some(previous) = &previous {
             stored.connected_at = previous.connected_at;
             stored.version = previous.version + 1;
@@ -421,7 +421,7 @@ impl Store {
         revocation: Option<&PendingRevocation>,
         claim: Option<&Claim>,
     ) -> Result<Connection, StoreError> {
-        let mut stored = connection.clone();
+        let mut stored = as_stored(connection);
         stored.version = previous.map_or(1, |p| p.version + 1);
         if let Some(previous) = previous {
             stored.connected_at = previous.connected_at;
@@ -536,7 +536,7 @@ impl Store {
         expected_version: u64,
         lease: Option<(&str, OffsetDateTime)>,
     ) -> Result<Connection, StoreError> {
-        let mut stored = connection.clone();
+        let mut stored = as_stored(connection);
         stored.version = expected_version + 1;
         let item = to_item(ConnectionRecord::from(&stored)).map_err(corrupt)?;
         let mut put = self
@@ -1045,6 +1045,27 @@ fn number(n: i64) -> AttributeValue {
     AttributeValue::N(n.to_string())
 }
 
+/// `connection` as an item keeps it (the times every refresh writes, to the second; not
+/// `authorized_at`, whose change within a second is a re-authorisation, nor the times the
+/// user sees change on "Test connection"): what a write returns, so that what a caller
+/// answers with is what a later read finds.
+fn as_stored(connection: &Connection) -> Connection {
+    let mut stored = connection.clone();
+    stored.updated_at = to_the_second(stored.updated_at);
+    stored.last_refreshed_at = stored.last_refreshed_at.map(to_the_second);
+    stored.last_used_at = stored.last_used_at.map(to_the_second);
+    stored
+}
+
+/// A time as connection items keep it: to the second (ten bytes fewer each).
+fn to_the_second(at: OffsetDateTime) -> OffsetDateTime {
+    at.replace_nanosecond(0).unwrap_or(at)
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
@@ -1091,12 +1112,15 @@ impl TryFrom<PendingRecord> for PendingAuthorization {
     }
 }
 
+/// A connection item. Every byte counts: a refresh writes the item twice (its lease, its
+/// result), each billed per started KB of it (docs/COST.md). So the user and connection ids
+/// are read from the keys rather than stored again (items written before still carry them,
+/// ignored when read and removed by the next update), the times each refresh writes are kept
+/// to the second, and a zero failure count is left out.
 #[derive(Serialize, Deserialize)]
 struct ConnectionRecord {
     pk: String,
     sk: String,
-    connection_id: String,
-    user_id: String,
     account_name: String,
     klaviyo_account_id: String,
     klaviyo_account_name: String,
@@ -1124,7 +1148,7 @@ struct ConnectionRecord {
     /// Epoch seconds when the refresh job should next look at this connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     due_at: Option<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     refresh_failures: u32,
     /// Absent on items written before it existed: the connection's first authorisation.
     #[serde(
@@ -1156,7 +1180,10 @@ struct ConnectionRecord {
 
 /// Attributes a connection may lack; a write that leaves them unset removes them. The
 /// lease is never part of a record, so every full write also releases it.
-const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 10] = [
+const OPTIONAL_CONNECTION_ATTRIBUTES: [&str; 13] = [
+    "refresh_failures",
+    "connection_id",
+    "user_id",
     "last_refreshed_at",
     "last_verified_at",
     "last_used_at",
@@ -1174,8 +1201,6 @@ impl From<&Connection> for ConnectionRecord {
         Self {
             pk: user_pk(&c.user_id),
             sk: connection_sk(&c.id),
-            connection_id: c.id.clone(),
-            user_id: c.user_id.as_str().to_owned(),
             account_name: c.account_name.clone(),
             klaviyo_account_id: c.klaviyo_account_id.clone(),
             klaviyo_account_name: c.klaviyo_account_name.clone(),
@@ -1183,8 +1208,8 @@ impl From<&Connection> for ConnectionRecord {
             status: c.status,
             scopes: c.scopes.clone(),
             connected_at: c.connected_at,
-            updated_at: c.updated_at,
-            last_refreshed_at: c.last_refreshed_at,
+            updated_at: to_the_second(c.updated_at),
+            last_refreshed_at: c.last_refreshed_at.map(to_the_second),
             access_token_expires_at: c.access_token_expires_at,
             due_bucket: c.refresh_due_at.map(|_| refresh_bucket(&c.id)),
             due_at: c.refresh_due_at.map(OffsetDateTime::unix_timestamp),
@@ -1193,7 +1218,7 @@ impl From<&Connection> for ConnectionRecord {
             status_reason: c.status_reason,
             degraded: c.degraded,
             last_verified_at: c.last_verified_at,
-            last_used_at: c.last_used_at,
+            last_used_at: c.last_used_at.map(to_the_second),
             credentials: c.credentials.as_bytes().to_vec(),
             version: c.version,
         }
@@ -1353,9 +1378,17 @@ pub(crate) fn image_of(connection: &Connection) -> serde_dynamo::Item {
 }
 
 fn record_to_connection(r: ConnectionRecord) -> Result<Connection, StoreError> {
+    let user_id =
+        r.pk.strip_prefix("USER#")
+            .and_then(UserId::parse)
+            .ok_or_else(|| corrupt("connection pk"))?;
+    let id =
+        r.sk.strip_prefix(CONNECTION_SK_PREFIX)
+            .ok_or_else(|| corrupt("connection sk"))?
+            .to_owned();
     Ok(Connection {
-        id: r.connection_id,
-        user_id: UserId::parse(&r.user_id).ok_or_else(|| corrupt("connection user_id"))?,
+        id,
+        user_id,
         account_name: r.account_name,
         klaviyo_account_id: r.klaviyo_account_id,
         klaviyo_account_name: r.klaviyo_account_name,
