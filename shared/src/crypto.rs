@@ -316,6 +316,24 @@ impl DataKey {
         Ok(SealedBlob(blob))
     }
 
+    /// Opens `blob` without KMS if it was sealed with this very key (the wrapped copy it
+    /// carries is this key's) for `context`: a refresh seals the new tokens with the key that
+    /// opened the old ones, so whoever opened them once can open their successors. `None` when
+    /// the blob was sealed with another key.
+    pub fn open_own(
+        &self,
+        context: &SealContext,
+        blob: &SealedBlob,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, CryptoError> {
+        let parts = blob.parts()?;
+        if parts.encrypted_key != self.encrypted.as_slice()
+            || context.key_binding(parts.version) != self.binding
+        {
+            return Ok(None);
+        }
+        self.open(context, &parts).map(Some)
+    }
+
     fn open(
         &self,
         context: &SealContext,

@@ -359,6 +359,19 @@ impl Credentials {
         Self::open_sealed(sealer, context, &connection.credentials).await
     }
 
+    /// Opens a connection's credentials with a data key at hand, without KMS, if they were
+    /// sealed with it (`DataKey::open_own`); `None` if they were not.
+    pub fn open_with_known_key(
+        key: &DataKey,
+        connection: &Connection,
+    ) -> Result<Option<Self>, CryptoError> {
+        let purpose = connection.credentials_purpose();
+        match key.open_own(&connection.seal_context(purpose), &connection.credentials)? {
+            Some(bytes) => Self::parse(purpose, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Opens a connection's credentials and keeps the data key, so their successors (a
     /// refresh) are sealed without a second KMS call.
     pub async fn open_with_key(

@@ -1066,20 +1066,44 @@ impl AccessTokens {
         &self,
         connection: &Connection,
     ) -> Result<IssuedCredential, AccessTokenError> {
-        let credential = match Credentials::open(&self.sealer, connection).await {
-            Ok(Credentials::ApiKey(key)) => KlaviyoCredential::ApiKey(key),
-            Ok(Credentials::OAuth { access_token, .. }) => {
-                KlaviyoCredential::AccessToken(access_token)
-            }
-            Err(e) => return Err(AccessTokenError::Unavailable(e.to_string())),
+        Ok(self.stored_with_key(connection).await?.0)
+    }
+
+    /// Like `stored`, with the data key that opened them: it also opens what later refreshes
+    /// seal (`IssuedCredential::open_with_known_key`), without KMS.
+    pub async fn stored_with_key(
+        &self,
+        connection: &Connection,
+    ) -> Result<(IssuedCredential, DataKey), AccessTokenError> {
+        let (credentials, key) = Credentials::open_with_key(&self.sealer, connection)
+            .await
+            .map_err(|e| AccessTokenError::Unavailable(e.to_string()))?;
+        Ok((IssuedCredential::of(credentials, connection), key))
+    }
+}
+
+impl IssuedCredential {
+    /// `credentials`, opened from `connection`, as handed out.
+    fn of(credentials: Credentials, connection: &Connection) -> Self {
+        let credential = match credentials {
+            Credentials::ApiKey(key) => KlaviyoCredential::ApiKey(key),
+            Credentials::OAuth { access_token, .. } => KlaviyoCredential::AccessToken(access_token),
         };
-        Ok(IssuedCredential {
+        Self {
             expires_at: match credential {
                 KlaviyoCredential::ApiKey(_) => None,
                 KlaviyoCredential::AccessToken(_) => connection.access_token_expires_at,
             },
             credential,
-        })
+        }
+    }
+
+    /// `connection`'s credentials opened with `key`, without KMS, if they were sealed with it.
+    pub fn open_with_known_key(key: &DataKey, connection: &Connection) -> Option<Self> {
+        Credentials::open_with_known_key(key, connection)
+            .ok()
+            .flatten()
+            .map(|credentials| Self::of(credentials, connection))
     }
 }
 

@@ -17,11 +17,13 @@
 //! very blob (every seal has a fresh nonce and data key, so new credentials never seal to the
 //! same bytes) and the token has its margin left, it is handed out again without KMS. Not the
 //! `version`: a disconnect and a reconnect start the same connection id at the same version
-//! with new credentials.
+//! with new credentials. It also keeps the data key that opened them: a refresh seals the new
+//! tokens with that same key, so they are opened without KMS too (a reconnect brings a new
+//! key, which takes one KMS call).
 
 use crate::auth::UserId;
 use crate::context::{Environment, InitError};
-use crate::crypto::SealedBlob;
+use crate::crypto::{DataKey, SealedBlob};
 use crate::model::{Connection, ConnectionStatus};
 use crate::refresh::{AccessTokenError, AccessTokens, IssuedCredential, KlaviyoCredential};
 use crate::store::{ConnectionKey, Store, StoreError};
@@ -43,10 +45,12 @@ struct TokenRequest {
     connection_id: String,
 }
 
-/// A credential as opened from the stored connection's `sealed` blob.
+/// A credential as opened from the stored connection's `sealed` blob, and the data key that
+/// opened it (which also opens what refreshes seal after it).
 struct Kept {
     sealed: SealedBlob,
     issued: IssuedCredential,
+    key: DataKey,
 }
 
 /// Where a handed-out credential came from (logged; the cost model counts them).
@@ -54,6 +58,9 @@ struct Kept {
 pub enum Source {
     /// Opened earlier by this container from the blob still stored: no KMS call.
     Kept,
+    /// Opened now with the data key this container kept: a refresh sealed new tokens with
+    /// it. No KMS call.
+    Reopened,
     /// Opened from the stored connection: one KMS call.
     Stored,
     /// Refreshed first (or, with Klaviyo failing, the stored token while it still works).
@@ -202,7 +209,7 @@ impl Tokens {
             }
             Err(e) => return Err(e),
         };
-        if matches!(source, Source::Kept | Source::Stored) {
+        if matches!(source, Source::Kept | Source::Reopened | Source::Stored) {
             // Best effort, at most once an hour: the answer does not wait on a failure.
             // (`issue`, behind `Source::Refreshed`, records its own.)
             self.access().await?.note_use(&key, &connection, now).await;
@@ -219,11 +226,11 @@ impl Tokens {
     ) -> Result<(IssuedCredential, Source), TokenError> {
         let access = self.access().await?;
         if access.usable_as_stored(connection, now) {
-            if let Some(issued) = self.kept(key, connection) {
-                return Ok((issued, Source::Kept));
+            if let Some(kept) = self.kept(key, connection) {
+                return Ok(kept);
             }
-            let issued = access.stored(connection).await.map_err(refused)?;
-            self.keep(key, &connection.credentials, &issued);
+            let (issued, data_key) = access.stored_with_key(connection).await.map_err(refused)?;
+            self.keep(key, &connection.credentials, &issued, data_key);
             return Ok((issued, Source::Stored));
         }
         let issued = access
@@ -233,18 +240,33 @@ impl Tokens {
         Ok((issued, Source::Refreshed))
     }
 
-    /// What this container opened from exactly what `connection` stores now.
-    fn kept(&self, key: &ConnectionKey, connection: &Connection) -> Option<IssuedCredential> {
-        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        kept.get(key)
-            .filter(|k| {
-                k.sealed == connection.credentials
-                    && k.issued.expires_at == connection.access_token_expires_at
-            })
-            .map(|k| k.issued.clone())
+    /// What this container opened from exactly what `connection` stores now, or opens now
+    /// with the data key it kept (new tokens a refresh sealed with it).
+    fn kept(
+        &self,
+        key: &ConnectionKey,
+        connection: &Connection,
+    ) -> Option<(IssuedCredential, Source)> {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = kept.get_mut(key)?;
+        if entry.sealed == connection.credentials
+            && entry.issued.expires_at == connection.access_token_expires_at
+        {
+            return Some((entry.issued.clone(), Source::Kept));
+        }
+        let issued = IssuedCredential::open_with_known_key(&entry.key, connection)?;
+        entry.sealed = connection.credentials.clone();
+        entry.issued = issued.clone();
+        Some((issued, Source::Reopened))
     }
 
-    fn keep(&self, key: &ConnectionKey, sealed: &SealedBlob, issued: &IssuedCredential) {
+    fn keep(
+        &self,
+        key: &ConnectionKey,
+        sealed: &SealedBlob,
+        issued: &IssuedCredential,
+        data_key: DataKey,
+    ) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         if kept.len() >= CACHE_ENTRIES && !kept.contains_key(key) {
             // Expired tokens first; if that is not enough, start over.
@@ -259,6 +281,7 @@ impl Tokens {
             Kept {
                 sealed: sealed.clone(),
                 issued: issued.clone(),
+                key: data_key,
             },
         );
     }

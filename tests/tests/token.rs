@@ -196,11 +196,12 @@ async fn with_klaviyo_down_a_token_that_still_works_is_handed_out_and_refreshes_
     assert_eq!(refresh_grants(&account).await, grants);
 }
 
-/// A warm container hands out what it opened while the stored version is unchanged: one
-/// DynamoDB read and no KMS call. Shown with KMS failing under a function process of its own:
-/// the second request still succeeds; a change to the connection makes it open again.
+/// A warm container hands out what it opened while the stored credentials are unchanged: one
+/// DynamoDB read and no KMS call; and it opens what a refresh sealed with the data key it
+/// already holds without KMS too. Shown with KMS failing under a function process of its own.
+/// A reconnect (a new data key) needs KMS.
 #[tokio::test]
-async fn a_warm_container_hands_out_what_it_opened_without_kms_until_the_connection_changes() {
+async fn a_warm_container_hands_out_what_it_opened_and_opens_refreshed_tokens_without_kms() {
     let user = unique("user");
     let token = token_for(&user).await;
     let account = klaviyo_account();
@@ -220,21 +221,37 @@ async fn a_warm_container_hands_out_what_it_opened_without_kms_until_the_connect
     let kept = answered(ask().await);
     assert_eq!(kept, first, "handed out again without KMS");
 
-    // The connection changes (a refresh writes new tokens): opened again, which needs KMS.
-    e2e::set_token_lifetime(&account, 3600).await;
-    let changed = rewrite(&user, &id, |c| {
-        c.access_token_expires_at = Some(OffsetDateTime::now_utc() + time::Duration::minutes(50));
-    })
-    .await;
+    // The refresh job refreshes it (new tokens, sealed with the same data key): opened
+    // without KMS.
+    let before = stored(&user, &id).await;
+    e2e::due_now(&user, &id).await;
+    e2e::refresh_job().await.run(None).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stored(&user, &id).await.version == before.version {
+        assert!(std::time::Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let refreshed = answered(ask().await);
+    assert_eq!(
+        refreshed["authorization"],
+        format!("Bearer {}", stored_access_token(&user, &id).await),
+        "the refreshed token, opened without KMS"
+    );
+    assert_ne!(refreshed["authorization"], first["authorization"]);
+    assert_eq!(
+        Some(time_of(&refreshed["expiresAt"])),
+        stored(&user, &id).await.access_token_expires_at
+    );
+
+    // A reconnect seals new tokens with a new data key: that needs KMS.
+    connected_id(&token, &account).await;
     let refused = answered(ask().await);
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
     stage.clear(KMS).await;
     let reopened = answered(ask().await);
-    assert_eq!(reopened["authorization"], first["authorization"]);
     assert_eq!(
-        Some(time_of(&reopened["expiresAt"])),
-        changed.access_token_expires_at,
-        "what is stored now"
+        reopened["authorization"],
+        format!("Bearer {}", stored_access_token(&user, &id).await)
     );
 }
 
