@@ -1099,11 +1099,16 @@ impl IssuedCredential {
     }
 
     /// `connection`'s credentials opened with `key`, without KMS, if they were sealed with it.
+    /// A blob that carries this very key and still does not open was altered in the table: a
+    /// security event (the caller then tries KMS, which refuses it too).
     pub fn open_with_known_key(key: &DataKey, connection: &Connection) -> Option<Self> {
-        Credentials::open_with_known_key(key, connection)
-            .ok()
-            .flatten()
-            .map(|credentials| Self::of(credentials, connection))
+        match Credentials::open_with_known_key(key, connection) {
+            Ok(opened) => opened.map(|credentials| Self::of(credentials, connection)),
+            Err(e) => {
+                tracing::error!(event = "sealed_credentials_rejected", user_id = %connection.user_id, connection_id = %connection.id, error = %e, "stored credentials sealed with a known key do not open");
+                None
+            }
+        }
     }
 }
 

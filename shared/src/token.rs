@@ -45,12 +45,14 @@ struct TokenRequest {
     connection_id: String,
 }
 
-/// A credential as opened from the stored connection's `sealed` blob, and the data key that
-/// opened it (which also opens what refreshes seal after it).
+/// A credential as opened from the stored connection's `sealed` blob, and, for OAuth tokens,
+/// the data key that opened it (which also opens what refreshes seal after it; an API key is
+/// never resealed, so its key is not kept). Boxed in the map, so that growing the map moves
+/// pointers, never copies of secrets left behind in freed memory.
 struct Kept {
     sealed: SealedBlob,
     issued: IssuedCredential,
-    key: DataKey,
+    key: Option<DataKey>,
 }
 
 /// Where a handed-out credential came from (logged; the cost model counts them).
@@ -97,7 +99,7 @@ pub struct Tokens {
     /// Built at start-up when the client secret can be read, otherwise by the first request
     /// that can (until then: `unavailable` answers, not a container that cannot start).
     access: OnceCell<AccessTokens>,
-    kept: Mutex<HashMap<ConnectionKey, Kept>>,
+    kept: Mutex<HashMap<ConnectionKey, Box<Kept>>>,
 }
 
 impl Tokens {
@@ -254,7 +256,7 @@ impl Tokens {
         {
             return Some((entry.issued.clone(), Source::Kept));
         }
-        let issued = IssuedCredential::open_with_known_key(&entry.key, connection)?;
+        let issued = IssuedCredential::open_with_known_key(entry.key.as_ref()?, connection)?;
         entry.sealed = connection.credentials.clone();
         entry.issued = issued.clone();
         Some((issued, Source::Reopened))
@@ -276,13 +278,17 @@ impl Tokens {
                 kept.clear();
             }
         }
+        let data_key = match issued.credential {
+            KlaviyoCredential::AccessToken(_) => Some(data_key),
+            KlaviyoCredential::ApiKey(_) => None,
+        };
         kept.insert(
             key.clone(),
-            Kept {
+            Box::new(Kept {
                 sealed: sealed.clone(),
                 issued: issued.clone(),
                 key: data_key,
-            },
+            }),
         );
     }
 
