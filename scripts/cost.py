@@ -137,14 +137,13 @@ def refresh_lines_item_gb(args):
 def handouts(n, args, items):
     """Host traffic, the same under both policies: per month. Each hand-out reads the item
     (strongly consistent) and logs a line; a container opens each connection's credentials
-    with KMS once per refresh of it (32 a day for a used connection) and hands them out again
-    without KMS until the next."""
+    with KMS once in its life (it keeps the data key, which also opens what refreshes seal)."""
     count = n * args.used * args.handouts * DAYS_PER_MONTH
     read = units(args._item_bytes, 4 * KB) * PRICE["dynamodb_read_unit"]
     lambda_cost = PRICE["lambda_request"] + args.token_ms / 1000 * 256 / 1024 * PRICE["lambda_gb_second_arm"]
     logs = (args.handout_log_bytes + args.platform_log_bytes) / 1e9 * PRICE["logs_ingested_gb"]
-    eager_per_day = 24 * 60 / (args.token_minutes - 15)
-    opens = n * args.used * min(args.handouts, eager_per_day * args.token_containers) * DAYS_PER_MONTH
+    opens_per_day = args.token_containers * 24 / args.token_container_hours
+    opens = n * args.used * min(args.handouts, opens_per_day) * DAYS_PER_MONTH
     return count * (read + lambda_cost + logs) + opens * PRICE["kms_request"], count
 
 
@@ -171,6 +170,7 @@ def main():
     parser.add_argument("--token-ms", type=float, default=6, help="billed ms of a warm token hand-out")
     parser.add_argument("--token-bytes", type=float, default=SANDBOX_TOKEN_BYTES, help="access and refresh token together, as Klaviyo issues them")
     parser.add_argument("--token-containers", type=float, default=2, help="warm token-function containers each used connection is handed out from")
+    parser.add_argument("--token-container-hours", type=float, default=4, help="how long a token-function container lives")
     parser.add_argument("--handout-log-bytes", type=float, default=230, help="the credential_issued line, with CloudWatch's overhead")
     parser.add_argument("--log-line-bytes", type=float, default=210, help="the token_refreshed line, with CloudWatch's overhead")
     parser.add_argument("--platform-log-bytes", type=float, default=450, help="START, END and REPORT lines of an invocation")
@@ -224,7 +224,7 @@ def report(args):
             print(f"| {line} | {money(eager[line])} | {money(aware[line])} |")
         te, ta = sum(eager.values()), sum(aware.values())
         print(f"| **keeping connections fresh** | **{money(te)}** | **{money(ta)}** (1/{te / ta:.1f}) |")
-        print(f"| host traffic: {count:,.0f} hand-outs (token function: a read, a log line, KMS once per refresh per container) | {money(traffic)} | {money(traffic)} |")
+        print(f"| host traffic: {count:,.0f} hand-outs (token function: a read and a log line each; KMS once per connection per container) | {money(traffic)} | {money(traffic)} |")
         print(f"| **in all** | **{money(te + traffic)}** | **{money(ta + traffic)}** (1/{(te + traffic) / (ta + traffic):.1f}) |")
         print(f"| Klaviyo token calls a day | {eager_refreshes:,.0f} | {aware_refreshes:,.0f} |")
         print()

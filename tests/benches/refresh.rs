@@ -27,7 +27,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 
-#[tokio::main]
+// The runtime the refresh function runs on (its main), so the CPU figures are its own.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     // `cargo bench` passes `--bench`; everything else is ours.
     let args: Vec<String> = std::env::args()
