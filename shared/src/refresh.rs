@@ -1,8 +1,9 @@
 //! Keeping OAuth tokens fresh: the scheduled job (EventBridge, every few minutes) and
 //! just-in-time access tokens for the host app's own services (`AccessTokens`).
 //!
-//! The job finds connections whose access token expires within 15 minutes with one Query per
-//! `due-index` bucket (never a Scan), streams them through a bounded number of workers, and
+//! The job finds the connections due (by `REFRESH_POLICY`: an access token that expires
+//! within 15 minutes, or an idle connection's daily keep-alive; `RefreshPolicy`) with one
+//! Query per `due-index` bucket (never a Scan), streams them through a bounded number of workers, and
 //! stops taking new work well before the Lambda deadline. Each connection is refreshed under
 //! a lease (a conditional write with an expiry), so overlapping runs, retries and
 //! just-in-time refreshes never refresh one connection twice. After taking the lease the
