@@ -33,6 +33,9 @@ if ! $fuzz_only; then
   step "cargo clippy -D warnings"
   cargo clippy --workspace --all-targets -- -D warnings
 
+  step "One HTTP and one TLS stack in every function (scripts/check-deps.sh)"
+  scripts/check-deps.sh
+
   step "Build"
   cargo build --workspace --all-targets
 fi

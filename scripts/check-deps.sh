@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One HTTP stack and one TLS stack in every function (#21): fails if a function's arm64
+# dependency tree holds two versions of hyper, h2, http, rustls, hyper-rustls or tokio-rustls
+# (the AWS SDK's legacy client brings hyper 0.14 and rustls 0.21 back when a crate's default
+# features are left on).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+status=0
+for function in functions/*/; do
+  name="$(basename "$function")"
+  twice="$(cargo tree -q -p "$name" --target aarch64-unknown-linux-gnu -e normal -d --depth 0 2>/dev/null \
+    | grep -E '^(hyper|h2|http|rustls|hyper-rustls|tokio-rustls) v' | sort -u || true)"
+  if [[ -n "$twice" ]]; then
+    echo "$name: more than one version of:" >&2
+    echo "$twice" | sed 's/^/  /' >&2
+    status=1
+  fi
+done
+[[ $status -eq 0 ]] && echo "one HTTP and one TLS stack in each of: $(ls functions | tr '\n' ' ')"
+exit $status
