@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One HTTP stack and one TLS stack in every function (#21): fails if a function's arm64
-# dependency tree holds two versions of hyper, h2, http, rustls, hyper-rustls or tokio-rustls
-# (the AWS SDK's legacy client brings hyper 0.14 and rustls 0.21 back when a crate's default
-# features are left on).
+# One HTTP stack, one TLS stack and one crypto provider in every function (#21): fails if a
+# function's arm64 dependency tree holds two versions of hyper, h2, http, rustls, hyper-rustls
+# or tokio-rustls (the AWS SDK's legacy client brings hyper 0.14 and rustls 0.21 back when a
+# crate's default features are left on), or ring beside aws-lc-rs (reqwest's default TLS
+# features bring ring).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 status=0
@@ -15,6 +16,12 @@ for function in functions/*/; do
     echo "$twice" | sed 's/^/  /' >&2
     status=1
   fi
+  providers="$(cargo tree -q -p "$name" --target aarch64-unknown-linux-gnu -e normal --prefix none 2>/dev/null \
+    | grep -oE '^(ring|aws-lc-rs) v[^ ]+' | sort -u || true)"
+  if [[ "$(printf '%s\n' "$providers" | grep -c .)" -ne 1 ]]; then
+    echo "$name: one crypto provider expected, found: ${providers:-none}" >&2
+    status=1
+  fi
 done
-[[ $status -eq 0 ]] && echo "one HTTP and one TLS stack in each of: $(ls functions | tr '\n' ' ')"
+[[ $status -eq 0 ]] && echo "one HTTP stack, one TLS stack and one crypto provider in each of: $(ls functions | tr '\n' ' ')"
 exit $status

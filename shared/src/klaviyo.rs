@@ -177,7 +177,7 @@ impl fmt::Debug for Klaviyo {
 impl Klaviyo {
     /// Built once per container. URLs were validated by `Config`.
     pub fn new(config: &KlaviyoConfig, client_secret: &Secret) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
+        let http = crate::http_client()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())

@@ -288,7 +288,7 @@ async fn main() {
     rows.push(row);
 
     // callback: each user approves at the sandbox for a Klaviyo account of their own.
-    let http = reqwest::Client::builder()
+    let http = shared::http_client()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();

@@ -57,7 +57,7 @@ async fn seed(n: usize) {
     let started = Instant::now();
     let env = Environment::load().await.expect("local stack environment");
     let (store, sealer) = (env.store(), env.sealer());
-    let http = reqwest::Client::new();
+    let http = shared::http_client().build().expect("HTTP client");
     let account = format!("BENCH{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let mut pairs: Vec<Value> = Vec::with_capacity(n);
     while pairs.len() < n {
@@ -138,7 +138,7 @@ async fn seed(n: usize) {
 }
 
 async fn set_latency(ms: u64) {
-    let http = reqwest::Client::new();
+    let http = shared::http_client().build().expect("HTTP client");
     http.delete(format!("{}/sandbox/faults", sandbox()))
         .send()
         .await
@@ -420,7 +420,7 @@ async fn floor() {
             .expect("data key");
     }
     let kms = started.elapsed() / ROUNDS;
-    let http = reqwest::Client::new();
+    let http = shared::http_client().build().expect("HTTP client");
     let started = Instant::now();
     for _ in 0..ROUNDS {
         http.get(format!("{}/sandbox/health", sandbox()))

@@ -111,7 +111,7 @@ impl FaultProxy {
     pub async fn start(upstream: &str) -> Self {
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_owned(),
-            client: reqwest::Client::builder()
+            client: shared::http_client()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("proxy client"),

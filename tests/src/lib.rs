@@ -146,7 +146,7 @@ pub fn api_url() -> String {
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+    shared::http_client()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(std::time::Duration::from_secs(120))
         .build()
