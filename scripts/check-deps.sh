@@ -2,8 +2,8 @@
 # One HTTP stack, one TLS stack and one crypto provider in every function (#21): fails if a
 # function's arm64 dependency tree holds two versions of hyper, h2, http, rustls, hyper-rustls
 # or tokio-rustls (the AWS SDK's legacy client brings hyper 0.14 and rustls 0.21 back when a
-# crate's default features are left on), or ring beside aws-lc-rs (reqwest's default TLS
-# features bring ring).
+# crate's default features are left on), or aws-lc-rs beside ring (the SDK's default HTTPS
+# client brings aws-lc-rs; every client here is given ring).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 status=0

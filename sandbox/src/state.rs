@@ -1,5 +1,6 @@
 //! The sandbox's memory: configuration, issued grants, injected faults, received requests.
 
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
@@ -244,7 +245,14 @@ impl Sandbox {
         let client_id = var("KLAVIYO_CLIENT_ID")?;
         let redirect_uri = var("KLAVIYO_REDIRECT_URI")?;
         let secret_arn = var("KLAVIYO_CLIENT_SECRET_ARN")?;
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(Provider::Rustls(CryptoMode::Ring))
+                    .build_https(),
+            )
+            .load()
+            .await;
         let client_secret = aws_sdk_secretsmanager::Client::new(&sdk)
             .get_secret_value()
             .secret_id(&secret_arn)

@@ -299,6 +299,24 @@ pub const AWS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 pub const AWS_ATTEMPTS: u32 = 3;
 
 /// Bounded waits on AWS so a slow dependency turns into a clear 503, not a Lambda timeout.
+/// The AWS SDK's HTTPS client: the current one (hyper 1, rustls 0.23) on ring, the crypto
+/// provider reqwest uses, so each binary carries one (#21).
+pub fn aws_https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
+/// The AWS configuration from the environment with this service's HTTPS client, for the
+/// tools and tests that make SDK clients of their own.
+pub async fn aws_sdk_config() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(aws_https_client())
+        .load()
+        .await
+}
+
 async fn load_aws() -> SdkConfig {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(AWS_CONNECT_TIMEOUT)
@@ -306,6 +324,7 @@ async fn load_aws() -> SdkConfig {
         .operation_timeout(AWS_CALL_TIMEOUT)
         .build();
     aws_config::defaults(BehaviorVersion::latest())
+        .http_client(aws_https_client())
         .timeout_config(timeouts)
         .retry_config(RetryConfig::standard().with_max_attempts(AWS_ATTEMPTS))
         .load()

@@ -38,14 +38,14 @@ pub use model::{
 pub use refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 pub use secret::Secret;
 
-/// A reqwest client builder, after installing this process's TLS crypto provider (aws-lc-rs,
-/// the AWS SDK's): reqwest is built without one of its own, so that every binary carries one
-/// provider. Every reqwest client in the workspace starts here.
+/// A reqwest client builder, after installing this process's TLS crypto provider (ring, the one
+/// the AWS SDK's client is given: `context::aws_https_client`), so that nothing in the process
+/// ever picks another. Every reqwest client in the workspace starts here.
 pub fn http_client() -> reqwest::ClientBuilder {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
         // Err only when another provider is installed already, which then serves.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let _ = rustls::crypto::ring::default_provider().install_default();
     });
     reqwest::Client::builder()
 }

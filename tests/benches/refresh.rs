@@ -287,7 +287,7 @@ fn item_size(item: &std::collections::HashMap<String, AttributeValue>) -> usize 
 /// 100 bytes of overhead, by DynamoDB's rules).
 async fn sizes() {
     let env = Environment::load().await.expect("local stack environment");
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     let client = aws_sdk_dynamodb::Client::new(&sdk);
     let table = env.config.table_name.clone();
     let now = OffsetDateTime::now_utc().unix_timestamp();

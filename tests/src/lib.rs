@@ -26,7 +26,7 @@ pub async fn environment() -> Environment {
 
 /// The HS256 key the host app would sign with, read from the local Secrets Manager.
 pub async fn jwt_key() -> String {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_secretsmanager::Client::new(&sdk)
         .get_secret_value()
         .secret_id(setting("JWT_SECRET_ARN"))
@@ -86,7 +86,7 @@ pub async fn raw_item(
     sk: &str,
 ) -> Option<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
     use aws_sdk_dynamodb::types::AttributeValue;
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_dynamodb::Client::new(&sdk)
         .get_item()
         .table_name(setting("TABLE_NAME"))
@@ -111,7 +111,7 @@ pub async fn completion_attempts(user: &str) -> u64 {
 
 async fn attempts(user: &str, scope: &str) -> u64 {
     use aws_sdk_dynamodb::types::AttributeValue;
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_dynamodb::Client::new(&sdk)
         .query()
         .table_name(setting("TABLE_NAME"))
@@ -390,7 +390,7 @@ pub async fn verify(token: &str, id: &str) -> (reqwest::StatusCode, Value) {
 /// Makes a connection due for the refresh job now (its refresh or its key check).
 pub async fn due_now(user: &str, id: &str) {
     use aws_sdk_dynamodb::types::AttributeValue;
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_dynamodb::Client::new(&sdk)
         .update_item()
         .table_name(setting("TABLE_NAME"))

@@ -62,7 +62,7 @@ async fn parked_item(handle: &str) -> Option<HashMap<String, AttributeValue>> {
 /// Moves a parked result's completion window (and the revocation due after it) into the
 /// past, as if the user had waited longer than ten minutes.
 async fn backdate(handle: &str) {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     let past = (e2e::now() - 120).to_string();
     aws_sdk_dynamodb::Client::new(&sdk)
         .update_item()

@@ -23,7 +23,7 @@ struct Subscription {
 
 impl Subscription {
     async fn for_user(user: &str) -> Self {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let sdk = shared::context::aws_sdk_config().await;
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         let events = aws_sdk_eventbridge::Client::new(&sdk);
         let name = format!(

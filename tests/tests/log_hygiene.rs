@@ -12,7 +12,7 @@ use e2e::{
 use serde_json::{Value, json};
 
 async fn secret_value(arn_setting: &str) -> String {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_secretsmanager::Client::new(&sdk)
         .get_secret_value()
         .secret_id(setting(arn_setting))

@@ -59,7 +59,7 @@ async fn raw_connection(connection: &Connection) -> HashMap<String, AttributeVal
 }
 
 async fn client_secret() -> String {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_secretsmanager::Client::new(&sdk)
         .get_secret_value()
         .secret_id(setting("KLAVIYO_CLIENT_SECRET_ARN"))

@@ -301,7 +301,7 @@ async fn a_worker_that_crashed_holding_the_lease_delays_the_refresh_only_until_t
     // A worker takes the lease of the due connection and dies before calling Klaviyo. (Due
     // and leased in one write, so no other run can slip in between.)
     let now = OffsetDateTime::now_utc();
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     let number = |n: i64| aws_sdk_dynamodb::types::AttributeValue::N(n.to_string());
     let item_key =

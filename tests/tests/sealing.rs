@@ -111,7 +111,7 @@ async fn a_version_1_blob_still_opens_and_reseals_as_version_1() {
     use aes_gcm::aead::{Aead, Payload};
     use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
     let (user, conn) = (unique("user"), unique("conn"));
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     let kms = aws_sdk_kms::Client::new(&sdk);
     let key = kms
         .generate_data_key()

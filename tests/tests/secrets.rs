@@ -21,7 +21,7 @@ use shared::klaviyo::SECRET_RELOAD_INTERVAL;
 use std::time::{Duration, Instant};
 
 async fn secrets() -> aws_sdk_secretsmanager::Client {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_secretsmanager::Client::new(&sdk)
 }
 

@@ -23,7 +23,7 @@ async fn a_ciphertext_copied_onto_another_users_row_does_not_open() {
         .await
         .expect("Alice's row");
     let sealed = alice_row["credentials"].clone();
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_dynamodb::Client::new(&sdk)
         .update_item()
         .table_name(setting("TABLE_NAME"))

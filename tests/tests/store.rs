@@ -146,7 +146,7 @@ async fn the_table_stores_the_state_hash_not_the_state() {
 }
 
 async fn raw_client() -> aws_sdk_dynamodb::Client {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_dynamodb::Client::new(&sdk)
 }
 

@@ -87,7 +87,7 @@ async fn a_refresh_whose_write_fails_fails_the_run_and_leaves_no_live_token_behi
 /// The failed run's lease would expire in a minute; expire it now.
 async fn expire_lease(user: &str, id: &str) {
     use aws_sdk_dynamodb::types::AttributeValue;
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::context::aws_sdk_config().await;
     aws_sdk_dynamodb::Client::new(&sdk)
         .update_item()
         .table_name(setting("TABLE_NAME"))
