@@ -298,7 +298,6 @@ pub const AWS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Attempts of one AWS call (throttling, 5xx, timeouts), within `AWS_CALL_TIMEOUT`.
 pub const AWS_ATTEMPTS: u32 = 3;
 
-/// Bounded waits on AWS so a slow dependency turns into a clear 503, not a Lambda timeout.
 /// The AWS SDK's HTTPS client: the current one (hyper 1, rustls 0.23) on ring, the crypto
 /// provider reqwest uses, so each binary carries one (#21).
 pub fn aws_https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
@@ -317,6 +316,7 @@ pub async fn aws_sdk_config() -> SdkConfig {
         .await
 }
 
+/// Bounded waits on AWS so a slow dependency turns into a clear 503, not a Lambda timeout.
 async fn load_aws() -> SdkConfig {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(AWS_CONNECT_TIMEOUT)

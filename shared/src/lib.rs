@@ -37,6 +37,7 @@ pub use model::{
 };
 pub use refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 pub use secret::Secret;
+pub use store::{Store, StoreError};
 
 /// A reqwest client builder, after installing this process's TLS crypto provider (ring, the one
 /// the AWS SDK's client is given: `context::aws_https_client`), so that nothing in the process
@@ -49,4 +50,3 @@ pub fn http_client() -> reqwest::ClientBuilder {
     });
     reqwest::Client::builder()
 }
-pub use store::{Store, StoreError};
