@@ -146,6 +146,7 @@ impl JwtVerifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
+        install_jwt_crypto();
         let (raw, trimmed) = (secret.expose(), secret.expose().trim());
         let mut keys = vec![DecodingKey::from_secret(trimmed.as_bytes())];
         if raw != trimmed {
@@ -222,6 +223,88 @@ fn lifetime_within(iat: Option<i64>, exp: Option<i64>, max: u64, now: i64) -> bo
     }
 }
 
+/// Makes HMAC on ring (the provider rustls uses) the process's JWT crypto: the verifier
+/// needs HS256 alone, and `jsonwebtoken`'s own providers link RSA, ECDSA and EdDSA with it
+/// (about 0.4 MB of each binary, #21). Signing also knows HS384 and HS512, for the tests'
+/// refused tokens. Idempotent; a provider installed earlier in the process stays.
+pub fn install_jwt_crypto() {
+    let _ = jsonwebtoken::crypto::CryptoProvider::install_default(&hmac_on_ring::PROVIDER);
+}
+
+mod hmac_on_ring {
+    use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+    use jsonwebtoken::errors::{ErrorKind, Result};
+    use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+    use ring::hmac;
+
+    pub static PROVIDER: CryptoProvider = CryptoProvider {
+        signer_factory: signer,
+        verifier_factory: verifier,
+        key_utils: KeyUtils::new_unimplemented(),
+    };
+
+    /// One HMAC key and the JWT algorithm it serves.
+    struct Hmac(hmac::Key, Algorithm);
+
+    fn ring_algorithm(algorithm: &Algorithm) -> Result<hmac::Algorithm> {
+        match algorithm {
+            Algorithm::HS256 => Ok(hmac::HMAC_SHA256),
+            Algorithm::HS384 => Ok(hmac::HMAC_SHA384),
+            Algorithm::HS512 => Ok(hmac::HMAC_SHA512),
+            _ => Err(ErrorKind::InvalidAlgorithm.into()),
+        }
+    }
+
+    fn signer(algorithm: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>> {
+        let ring = ring_algorithm(algorithm)?;
+        Ok(Box::new(Hmac(
+            hmac::Key::new(ring, key.as_bytes()),
+            *algorithm,
+        )))
+    }
+
+    /// HS256 only: the one algorithm this service accepts, whatever the validation says.
+    fn verifier(algorithm: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>> {
+        if *algorithm != Algorithm::HS256 {
+            return Err(ErrorKind::InvalidAlgorithm.into());
+        }
+        let secret = key.try_get_as_bytes()?;
+        Ok(Box::new(Hmac(
+            hmac::Key::new(hmac::HMAC_SHA256, secret),
+            *algorithm,
+        )))
+    }
+
+    impl signature::Signer<Vec<u8>> for Hmac {
+        fn try_sign(&self, message: &[u8]) -> std::result::Result<Vec<u8>, signature::Error> {
+            Ok(hmac::sign(&self.0, message).as_ref().to_vec())
+        }
+    }
+
+    impl signature::Verifier<Vec<u8>> for Hmac {
+        /// Constant time (ring's `verify`).
+        fn verify(
+            &self,
+            message: &[u8],
+            tag: &Vec<u8>,
+        ) -> std::result::Result<(), signature::Error> {
+            hmac::verify(&self.0, message, tag).map_err(|_| signature::Error::new())
+        }
+    }
+
+    impl JwtSigner for Hmac {
+        fn algorithm(&self) -> Algorithm {
+            self.1
+        }
+    }
+
+    impl JwtVerifier for Hmac {
+        fn algorithm(&self) -> Algorithm {
+            self.1
+        }
+    }
+}
+
 fn classify(kind: &ErrorKind) -> AuthError {
     match kind {
         ErrorKind::InvalidAlgorithm
@@ -250,6 +333,7 @@ mod tests {
     }
 
     fn sign(alg: Algorithm, claims: serde_json::Value) -> String {
+        install_jwt_crypto();
         encode(
             &Header::new(alg),
             &claims,
@@ -284,6 +368,7 @@ mod tests {
             Some("klaviyo-connect"),
         );
         let with = |key: &str, claims: serde_json::Value| {
+            install_jwt_crypto();
             encode(
                 &Header::new(Algorithm::HS256),
                 &claims,
@@ -340,6 +425,34 @@ mod tests {
             v.verify(&sign(Algorithm::HS256, millis)),
             Err(AuthError::Lifetime)
         );
+    }
+
+    /// The provider itself verifies HS256 alone (the validation pins it too), with ring's
+    /// constant-time comparison, and agrees with its own signatures.
+    #[test]
+    fn the_jwt_provider_verifies_hs256_alone() {
+        use jsonwebtoken::crypto::{sign as raw_sign, verify as raw_verify};
+        install_jwt_crypto();
+        let (encoding, decoding) = (
+            EncodingKey::from_secret(KEY.as_bytes()),
+            DecodingKey::from_secret(KEY.as_bytes()),
+        );
+        let message = b"header.claims";
+        let tag = raw_sign(message, &encoding, Algorithm::HS256).unwrap();
+        assert!(raw_verify(&tag, message, &decoding, Algorithm::HS256).unwrap());
+        assert!(!raw_verify(&tag, b"header.claimz", &decoding, Algorithm::HS256).unwrap());
+        let other = DecodingKey::from_secret(b"another-unit-test-key-not-secret");
+        assert!(!raw_verify(&tag, message, &other, Algorithm::HS256).unwrap());
+        for algorithm in [
+            Algorithm::HS384,
+            Algorithm::HS512,
+            Algorithm::RS256,
+            Algorithm::ES256,
+        ] {
+            let refused = raw_verify(&tag, message, &decoding, algorithm);
+            assert!(refused.is_err(), "{algorithm:?}");
+        }
+        assert!(raw_sign(message, &encoding, Algorithm::RS256).is_err());
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn claims(user: &str) -> Value {
 }
 
 pub fn sign(alg: Algorithm, key: &str, claims: &Value) -> String {
+    shared::auth::install_jwt_crypto();
     jsonwebtoken::encode(
         &Header::new(alg),
         claims,
