@@ -298,13 +298,9 @@ pub const AWS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Attempts of one AWS call (throttling, 5xx, timeouts), within `AWS_CALL_TIMEOUT`.
 pub const AWS_ATTEMPTS: u32 = 3;
 
-/// The AWS SDK's HTTPS client: the current one (hyper 1, rustls 0.23) on ring, the crypto
-/// provider reqwest uses, so each binary carries one (#21).
+/// The AWS SDK's HTTP client: reqwest, as for Klaviyo (`crate::aws_http`).
 pub fn aws_https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
+    crate::aws_http::client()
 }
 
 /// The AWS configuration from the environment with this service's HTTPS client, for the
@@ -318,6 +314,12 @@ pub async fn aws_sdk_config() -> SdkConfig {
 
 /// Bounded waits on AWS so a slow dependency turns into a clear 503, not a Lambda timeout.
 async fn load_aws() -> SdkConfig {
+    aws_config_loader().load().await
+}
+
+/// The AWS configuration every function loads (HTTP client, timeouts, retries), before it
+/// reads the environment; public for the benchmark of an SDK call (`tests/benches/sdk_call.rs`).
+pub fn aws_config_loader() -> aws_config::ConfigLoader {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(AWS_CONNECT_TIMEOUT)
         .operation_attempt_timeout(AWS_ATTEMPT_TIMEOUT)
@@ -327,8 +329,6 @@ async fn load_aws() -> SdkConfig {
         .http_client(aws_https_client())
         .timeout_config(timeouts)
         .retry_config(RetryConfig::standard().with_max_attempts(AWS_ATTEMPTS))
-        .load()
-        .await
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod aws_http;
 pub mod budget;
 pub mod callback;
 pub mod complete;
