@@ -226,15 +226,21 @@ fn lifetime_within(iat: Option<i64>, exp: Option<i64>, max: u64, now: i64) -> bo
 /// Makes HMAC on ring (the provider rustls uses) the process's JWT crypto: the verifier
 /// needs HS256 alone, and `jsonwebtoken`'s own providers link RSA, ECDSA and EdDSA with it
 /// (about 0.4 MB of each binary, #21). Signing also knows HS384 and HS512, for the tests'
-/// refused tokens. Idempotent; a provider installed earlier in the process stays.
-pub fn install_jwt_crypto() {
-    let _ = jsonwebtoken::crypto::CryptoProvider::install_default(&hmac_on_ring::PROVIDER);
+/// refused tokens. Idempotent. False if another provider was fixed first (`jsonwebtoken`
+/// fixes one at its first sign or verify; without a crypto feature that one panics on use):
+/// start-up then fails rather than a request (`crate::context`).
+pub fn install_jwt_crypto() -> bool {
+    use jsonwebtoken::crypto::CryptoProvider;
+    match CryptoProvider::install_default(&hmac_on_ring::PROVIDER) {
+        Ok(()) => true,
+        Err(installed) => std::ptr::eq(installed, &hmac_on_ring::PROVIDER),
+    }
 }
 
 mod hmac_on_ring {
     use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
     use jsonwebtoken::errors::{ErrorKind, Result};
-    use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+    use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey};
     use ring::hmac;
 
     pub static PROVIDER: CryptoProvider = CryptoProvider {
@@ -255,8 +261,17 @@ mod hmac_on_ring {
         }
     }
 
+    /// An RSA or EC key is never used as an HMAC secret (algorithm confusion).
+    fn hmac_key(family: AlgorithmFamily) -> Result<()> {
+        match family {
+            AlgorithmFamily::Hmac => Ok(()),
+            _ => Err(ErrorKind::InvalidKeyFormat.into()),
+        }
+    }
+
     fn signer(algorithm: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>> {
         let ring = ring_algorithm(algorithm)?;
+        hmac_key(key.family())?;
         Ok(Box::new(Hmac(
             hmac::Key::new(ring, key.as_bytes()),
             *algorithm,
@@ -268,6 +283,7 @@ mod hmac_on_ring {
         if *algorithm != Algorithm::HS256 {
             return Err(ErrorKind::InvalidAlgorithm.into());
         }
+        hmac_key(key.family())?;
         let secret = key.try_get_as_bytes()?;
         Ok(Box::new(Hmac(
             hmac::Key::new(hmac::HMAC_SHA256, secret),
@@ -453,6 +469,10 @@ mod tests {
             assert!(refused.is_err(), "{algorithm:?}");
         }
         assert!(raw_sign(message, &encoding, Algorithm::RS256).is_err());
+        // An RSA public key's bytes are not an HMAC secret, whatever the algorithm says.
+        let rsa = DecodingKey::from_rsa_der(KEY.as_bytes());
+        assert!(raw_verify(&tag, message, &rsa, Algorithm::HS256).is_err());
+        assert!(install_jwt_crypto(), "ours, installed again");
     }
 
     #[test]

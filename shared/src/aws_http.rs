@@ -13,8 +13,12 @@
 //! not followed and no proxy is used, as with the SDK's own client. Errors are classified
 //! the way the SDK's client classifies them, because its retry policy reads the kind:
 //! timeouts and I/O errors (refused, reset, closed) are retried, a request that cannot be
-//! built is not.
+//! built is not. When the SDK retries after a transient failure (a 5xx, a timeout) it asks
+//! for the connection to be closed, so the retry may reach another host; reqwest cannot
+//! close one pooled connection, so the connector starts a fresh pool instead (rare, and what
+//! the SDK's own client achieves by closing the one connection).
 
+use aws_smithy_runtime_api::client::connection::{CaptureSmithyConnection, ConnectionMetadata};
 use aws_smithy_runtime_api::client::connector_metadata::ConnectorMetadata;
 use aws_smithy_runtime_api::client::http::{
     HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient,
@@ -28,7 +32,8 @@ use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::retry::ErrorKind;
 use std::error::Error;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// How long an idle connection to AWS is kept (the SDK's own client keeps them 90 s).
@@ -69,13 +74,24 @@ impl HttpClient for Reqwest {
 
 #[derive(Debug)]
 struct Connector {
-    /// `None` when reqwest could not be set up (no TLS backend): every call then fails with
+    timeouts: Timeouts,
+    /// `Err` when reqwest could not be set up (no TLS backend): every call then fails with
     /// that reason instead of the process panicking.
-    client: Result<reqwest::Client, String>,
+    client: RwLock<Result<reqwest::Client, String>>,
+    /// Set when the SDK asked to close a connection: the next call starts a fresh pool.
+    poisoned: Arc<AtomicBool>,
 }
 
 impl Connector {
-    fn new((connect, read): Timeouts) -> Self {
+    fn new(timeouts: Timeouts) -> Self {
+        Self {
+            timeouts,
+            client: RwLock::new(Self::build(timeouts)),
+            poisoned: Arc::default(),
+        }
+    }
+
+    fn build((connect, read): Timeouts) -> Result<reqwest::Client, String> {
         let mut builder = crate::http_client()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -87,32 +103,55 @@ impl Connector {
         if let Some(read) = read {
             builder = builder.read_timeout(read);
         }
-        let client = builder
+        builder
             .build()
-            .map_err(|e| DisplayErrorContext(&e).to_string());
-        Self { client }
+            .map_err(|e| DisplayErrorContext(&e).to_string())
+    }
+
+    /// The client to send with: a new one (a fresh pool) if a connection was poisoned.
+    fn client(&self) -> Result<reqwest::Client, String> {
+        if self.poisoned.swap(false, Ordering::AcqRel) {
+            let fresh = Self::build(self.timeouts);
+            *self.client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        }
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
 impl HttpConnector for Connector {
     fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
-        let client = match &self.client {
-            Ok(client) => client.clone(),
+        let client = match self.client() {
+            Ok(client) => client,
             Err(reason) => {
                 let reason = format!("the HTTP client could not be set up: {reason}");
                 return HttpConnectorFuture::ready(Err(ConnectorError::user(reason.into())));
             }
         };
-        let request = request
-            .try_into_http1x()
-            .map_err(|e| ConnectorError::user(e.into()))
-            .and_then(|request| {
-                reqwest::Request::try_from(request.map(reqwest::Body::wrap))
-                    .map_err(|e| ConnectorError::user(e.into()))
-            });
-        let request = match request {
+        let request = match request.try_into_http1x() {
             Ok(request) => request,
-            Err(error) => return HttpConnectorFuture::ready(Err(error)),
+            Err(error) => {
+                return HttpConnectorFuture::ready(Err(ConnectorError::user(error.into())));
+            }
+        };
+        if let Some(capture) = request.extensions().get::<CaptureSmithyConnection>() {
+            let poisoned = self.poisoned.clone();
+            capture.set_connection_retriever(move || {
+                let poisoned = poisoned.clone();
+                let metadata = ConnectionMetadata::builder()
+                    .proxied(false)
+                    .poison_fn(move || poisoned.store(true, Ordering::Release))
+                    .build();
+                Some(metadata)
+            });
+        }
+        let request = match reqwest::Request::try_from(request.map(reqwest::Body::wrap)) {
+            Ok(request) => request,
+            Err(error) => {
+                return HttpConnectorFuture::ready(Err(ConnectorError::user(error.into())));
+            }
         };
         HttpConnectorFuture::new(async move {
             let response = client.execute(request).await.map_err(classify)?;
@@ -278,6 +317,103 @@ mod tests {
             .await
             .unwrap_err();
         assert!(bad.is_user(), "{bad:?}");
+    }
+
+    /// Answers `statuses` in turn (keep-alive), counting connections and requests.
+    async fn dynamodb(statuses: Vec<u16>) -> (String, Arc<Mutex<(usize, usize)>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let counts = Arc::new(Mutex::new((0, 0)));
+        let (seen, statuses) = (counts.clone(), Arc::new(Mutex::new(statuses.into_iter())));
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                seen.lock().unwrap().0 += 1;
+                let (seen, statuses) = (seen.clone(), statuses.clone());
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    let mut buffer = [0u8; 8192];
+                    loop {
+                        let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match socket.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => read.extend_from_slice(&buffer[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&read[..end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while read.len() < end + 4 + length {
+                            match socket.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => read.extend_from_slice(&buffer[..n]),
+                            }
+                        }
+                        read.drain(..end + 4 + length);
+                        seen.lock().unwrap().1 += 1;
+                        let status = statuses.lock().unwrap().next().unwrap_or(200);
+                        let body = if status == 200 {
+                            "{}"
+                        } else {
+                            r#"{"__type":"com.amazonaws.dynamodb.v20120810#InternalServerError","message":"injected"}"#
+                        };
+                        let answer = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/x-amz-json-1.0\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, counts)
+    }
+
+    /// Through a DynamoDB client: two 500s then success, each retry on a fresh connection
+    /// (the SDK poisons the one that failed), and calls that succeed keep their connection.
+    #[tokio::test]
+    async fn a_retry_after_a_server_error_goes_out_on_a_fresh_connection() {
+        use aws_sdk_dynamodb::config::{Credentials, Region};
+        let (url, counts) = dynamodb(vec![500, 500]).await;
+        let retries = aws_config::retry::RetryConfig::standard()
+            .with_max_attempts(3)
+            .with_initial_backoff(Duration::from_millis(1));
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .http_client(client())
+            .endpoint_url(&url)
+            .region(Region::new("us-east-1"))
+            .retry_config(retries)
+            .credentials_provider(Credentials::new(
+                "AKIDTESTNOTREAL",
+                "not-a-secret",
+                None,
+                None,
+                "unit",
+            ))
+            .build();
+        let dynamodb = aws_sdk_dynamodb::Client::from_conf(config);
+        let put = || {
+            dynamodb
+                .put_item()
+                .table_name("t")
+                .item("pk", aws_sdk_dynamodb::types::AttributeValue::S("a".into()))
+                .send()
+        };
+        put().await.expect("succeeds on the third attempt");
+        assert_eq!(*counts.lock().unwrap(), (3, 3), "(connections, requests)");
+        put().await.expect("succeeds");
+        put().await.expect("succeeds");
+        assert_eq!(
+            *counts.lock().unwrap(),
+            (3, 5),
+            "healthy connections are kept"
+        );
     }
 
     #[test]

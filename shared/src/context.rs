@@ -45,6 +45,8 @@ pub enum InitError {
     },
     #[error("could not set up the Klaviyo client: {0}")]
     Klaviyo(String),
+    #[error("another JWT crypto provider was fixed before this service's (HMAC on ring)")]
+    JwtCrypto,
 }
 
 impl fmt::Debug for InitError {
@@ -88,6 +90,10 @@ impl Environment {
     /// Fetches the HS256 key once and builds the verifier. A key shorter than 32 bytes (256
     /// bits, RFC 7518 §3.2) is refused: tokens signed with it could be forged by guessing it.
     pub async fn jwt_verifier(&self) -> Result<JwtVerifier, InitError> {
+        if !crate::auth::install_jwt_crypto() {
+            log_failure(&InitError::JwtCrypto);
+            return Err(InitError::JwtCrypto);
+        }
         let key = self
             .secret("JWT_SECRET_ARN", &self.config.jwt.secret_arn)
             .await

@@ -47,7 +47,8 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5000);
-    let url = serve();
+    let url = serve(false);
+    let closing = serve(true);
     println!(
         "N = {n} GetItem calls per variant against a canned local answer; CPU of the calling thread\n"
     );
@@ -60,6 +61,12 @@ async fn main() {
         "the functions' configuration (reqwest)",
         n,
         client(&reqwest, &url, |b| b),
+    )
+    .await;
+    measure(
+        "… the server closing every connection, as moto does",
+        n,
+        client(&reqwest, &closing, |b| b),
     )
     .await;
     let no_stall = functions()
@@ -189,8 +196,9 @@ fn report(variant: &str, n: usize, cpu: f64, wall: Instant) {
     );
 }
 
-/// The canned DynamoDB, on a thread and runtime of its own.
-fn serve() -> String {
+/// The canned DynamoDB, on a thread and runtime of its own; with `close`, it closes each
+/// connection after its answer (`Connection: close`), as moto's HTTP server does.
+fn serve(close: bool) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
     listener.set_nonblocking(true).expect("nonblocking");
@@ -200,13 +208,15 @@ fn serve() -> String {
             .build()
             .expect("server runtime");
         runtime.block_on(async move {
+            let connection = if close { "close" } else { "keep-alive" };
             let app = Router::new().route(
                 "/",
-                post(|| async {
-                    (
-                        [("content-type", "application/x-amz-json-1.0")],
-                        ITEM.as_str(),
-                    )
+                post(move || async move {
+                    let headers = [
+                        ("content-type", "application/x-amz-json-1.0"),
+                        ("connection", connection),
+                    ];
+                    (headers, ITEM.as_str())
                 }),
             );
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
