@@ -6,7 +6,9 @@
 //! `/etc/ssl/certs` here, the bundles of `/etc/pki/tls/certs` on Lambda, 2.3 of the 6.1 ms
 //! a function needs to start on this machine (docs/PERFORMANCE.md). reqwest trusts the
 //! Mozilla roots compiled into it (webpki-roots), which include Amazon's; nothing is read
-//! from disk. A TLS-intercepting proxy with a private CA is therefore not supported.
+//! from disk. A TLS-intercepting proxy with a private CA is therefore not supported. reqwest
+//! carries the URI as a parsed URL, which is exact for the JSON-protocol services used here
+//! (every request goes to `/`); a path-based service (S3) would need checking against SigV4.
 //!
 //! The SDK asks for a connector per set of timeouts (connect, read); one reqwest client is
 //! kept per set, so all SDK clients of a process share its connection pool. Redirects are
