@@ -57,46 +57,14 @@ async fn main() {
 
     let functions = || shared::context::aws_config_loader();
     let reqwest = functions().load().await;
-    measure(
-        "the functions' configuration (reqwest)",
-        n,
-        client(&reqwest, &url, |b| b),
-    )
-    .await;
-    measure(
-        "… the server closing every connection, as moto does",
-        n,
-        client(&reqwest, &closing, |b| b),
-    )
-    .await;
     let no_stall = functions()
         .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
         .load()
         .await;
-    measure(
-        "… without stalled-stream protection",
-        n,
-        client(&no_stall, &url, |b| b),
-    )
-    .await;
     let one_attempt = functions()
         .retry_config(aws_config::retry::RetryConfig::disabled())
         .load()
         .await;
-    measure(
-        "… without retries (for scale; not an option)",
-        n,
-        client(&one_attempt, &url, |b| b),
-    )
-    .await;
-    measure(
-        "… without account-id endpoints",
-        n,
-        client(&reqwest, &url, |b| {
-            b.account_id_endpoint_mode(aws_types::endpoint_config::AccountIdEndpointMode::Disabled)
-        }),
-    )
-    .await;
     let hyper = functions()
         .http_client(
             aws_smithy_http_client::Builder::new()
@@ -107,12 +75,38 @@ async fn main() {
         )
         .load()
         .await;
-    measure(
-        "the SDK's own HTTP client (hyper)",
-        n,
-        client(&hyper, &url, |b| b),
-    )
-    .await;
+    let no_account_ids = |b: aws_sdk_dynamodb::config::Builder| {
+        b.account_id_endpoint_mode(aws_types::endpoint_config::AccountIdEndpointMode::Disabled)
+    };
+    let variants = [
+        (
+            "the functions' configuration (reqwest)",
+            client(&reqwest, &url, |b| b),
+        ),
+        (
+            "… the server closing every connection, as moto does",
+            client(&reqwest, &closing, |b| b),
+        ),
+        (
+            "… without stalled-stream protection",
+            client(&no_stall, &url, |b| b),
+        ),
+        (
+            "… without retries (for scale; not an option)",
+            client(&one_attempt, &url, |b| b),
+        ),
+        (
+            "… without account-id endpoints",
+            client(&reqwest, &url, no_account_ids),
+        ),
+        (
+            "the SDK's own HTTP client (hyper)",
+            client(&hyper, &url, |b| b),
+        ),
+    ];
+    for (variant, client) in variants {
+        measure(variant, n, client).await;
+    }
     floor(n, &url).await;
 }
 
