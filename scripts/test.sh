@@ -33,7 +33,7 @@ if ! $fuzz_only; then
   step "cargo clippy -D warnings"
   cargo clippy --workspace --all-targets -- -D warnings
 
-  step "One HTTP stack, one TLS stack, one crypto provider in every function (scripts/check-deps.sh)"
+  step "One HTTP client, one TLS stack, one crypto provider in every function (scripts/check-deps.sh)"
   scripts/check-deps.sh
 
   step "Build"

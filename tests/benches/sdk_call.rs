@@ -46,7 +46,7 @@ async fn main() {
     let n: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(5000);
+        .unwrap_or(20_000);
     let url = serve(false);
     let closing = serve(true);
     println!(
