@@ -304,16 +304,11 @@ pub const AWS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Attempts of one AWS call (throttling, 5xx, timeouts), within `AWS_CALL_TIMEOUT`.
 pub const AWS_ATTEMPTS: u32 = 3;
 
-/// The AWS SDK's HTTP client: reqwest, as for Klaviyo (`crate::aws_http`).
-pub fn aws_https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
-    crate::aws_http::client()
-}
-
 /// The AWS configuration from the environment with this service's HTTPS client, for the
 /// tools and tests that make SDK clients of their own.
 pub async fn aws_sdk_config() -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
-        .http_client(aws_https_client())
+        .http_client(crate::aws_http::client())
         .load()
         .await
 }
@@ -332,7 +327,7 @@ pub fn aws_config_loader() -> aws_config::ConfigLoader {
         .operation_timeout(AWS_CALL_TIMEOUT)
         .build();
     aws_config::defaults(BehaviorVersion::latest())
-        .http_client(aws_https_client())
+        .http_client(crate::aws_http::client())
         .timeout_config(timeouts)
         .retry_config(RetryConfig::standard().with_max_attempts(AWS_ATTEMPTS))
 }

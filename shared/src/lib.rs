@@ -40,9 +40,9 @@ pub use refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 pub use secret::Secret;
 pub use store::{Store, StoreError};
 
-/// A reqwest client builder, after installing this process's TLS crypto provider (ring, the one
-/// the AWS SDK's client is given: `context::aws_https_client`), so that nothing in the process
-/// ever picks another. Every reqwest client in the workspace starts here.
+/// A reqwest client builder, after installing this process's TLS crypto provider (ring), so that
+/// nothing in the process ever picks another. Every reqwest client in the workspace starts here,
+/// the AWS SDK's included (`aws_http`).
 pub fn http_client() -> reqwest::ClientBuilder {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
