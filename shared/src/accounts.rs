@@ -94,7 +94,7 @@ impl Endpoint for Accounts {
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         require_method(req, Method::GET, "GET, OPTIONS")?;
-        let user = self.auth.authenticate(req)?;
+        let user = self.auth.authenticate(req).await?;
         let connections = self
             .store
             .list_connections(&user)

@@ -4,14 +4,26 @@
 //! The algorithm is pinned (so `none`, HS384, RS256 and friends are refused), `exp` is
 //! required, `exp`/`nbf` are checked with a small leeway, and `iss`/`aud` when configured.
 //! The user id is `sub`. Failures are logged as security events without the token.
+//!
+//! Key rotation without downtime: a token may be signed with the secret's current version
+//! (AWSCURRENT) or, for a grace period after that version was created, its previous one
+//! (AWSPREVIOUS), so tokens minted before the host app switched keys keep working. A token
+//! whose signature matches none of the held keys makes the container read the secret again
+//! (at most once per `SECRET_RELOAD_INTERVAL`) before it is refused, so a new key works in
+//! warm containers as soon as it is put.
 
 use crate::http::{ApiError, bearer_token};
-use crate::secret::Secret;
+use crate::secret::{SECRET_RELOAD_INTERVAL, Secret};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use lambda_http::Request;
 use serde::Deserialize;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use time::OffsetDateTime;
+use tokio::time::Instant;
 
 /// Clock skew tolerated between the host app and this service.
 pub const LEEWAY_SECS: u64 = 30;
@@ -71,12 +83,81 @@ pub enum AuthError {
     Lifetime,
 }
 
+/// The keys tokens may be signed with, as read from Secrets Manager.
+#[derive(Clone, PartialEq)]
+pub struct JwtKeys {
+    /// The secret's current version (AWSCURRENT).
+    pub current: Secret,
+    /// Its previous version (AWSPREVIOUS) and the end of that version's grace period.
+    pub previous: Option<(Secret, OffsetDateTime)>,
+}
+
+impl JwtKeys {
+    pub fn current_only(current: Secret) -> Self {
+        Self {
+            current,
+            previous: None,
+        }
+    }
+}
+
+/// Where the keys are read again from when a token matches none of them.
+pub trait JwtKeySource: Send + Sync {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<JwtKeys, String>> + Send + '_>>;
+}
+
+/// The held keys, ready to verify with: each as stored and, when they differ, without
+/// surrounding whitespace.
+struct KeyRing {
+    keys: JwtKeys,
+    current: Vec<DecodingKey>,
+    previous: Vec<DecodingKey>,
+}
+
+impl KeyRing {
+    fn new(keys: JwtKeys) -> Self {
+        let previous = keys
+            .previous
+            .as_ref()
+            .map(|(secret, _)| decoding_keys(secret))
+            .unwrap_or_default();
+        Self {
+            current: decoding_keys(&keys.current),
+            previous,
+            keys,
+        }
+    }
+
+    /// Whether the previous key is still in its grace period at `now`.
+    fn previous_accepted(&self, now: OffsetDateTime) -> bool {
+        self.keys
+            .previous
+            .as_ref()
+            .is_some_and(|(_, until)| now < *until)
+    }
+}
+
+fn decoding_keys(secret: &Secret) -> Vec<DecodingKey> {
+    let (raw, trimmed) = (secret.expose(), secret.expose().trim());
+    let mut keys = vec![DecodingKey::from_secret(trimmed.as_bytes())];
+    if raw != trimmed {
+        keys.push(DecodingKey::from_secret(raw.as_bytes()));
+    }
+    keys
+}
+
+struct Reload {
+    source: Arc<dyn JwtKeySource>,
+    /// Held while reading, so concurrent refusals cause one read.
+    loaded_at: tokio::sync::Mutex<Instant>,
+}
+
 pub struct JwtVerifier {
-    /// The key as stored and, when they differ, without surrounding whitespace.
-    keys: Vec<DecodingKey>,
+    ring: RwLock<Arc<KeyRing>>,
     validation: Validation,
     /// When set, tokens must carry `iat` and live at most this long (`exp - iat`).
     max_lifetime_secs: Option<u64>,
+    reload: Option<Reload>,
 }
 
 impl fmt::Debug for JwtVerifier {
@@ -123,9 +204,14 @@ struct Claims {
 }
 
 impl JwtVerifier {
+    /// A verifier of tokens signed with `secret` alone.
+    pub fn hs256(secret: &Secret, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        Self::new(JwtKeys::current_only(secret.clone()), issuer, audience)
+    }
+
     /// A key put with a trailing newline (`--secret-string file://key.txt`) verifies tokens
     /// signed with the value as read from Secrets Manager and with the value as typed.
-    pub fn hs256(secret: &Secret, issuer: Option<&str>, audience: Option<&str>) -> Self {
+    pub fn new(keys: JwtKeys, issuer: Option<&str>, audience: Option<&str>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
@@ -147,16 +233,22 @@ impl JwtVerifier {
         }
         validation.set_required_spec_claims(&required);
         install_jwt_crypto();
-        let (raw, trimmed) = (secret.expose(), secret.expose().trim());
-        let mut keys = vec![DecodingKey::from_secret(trimmed.as_bytes())];
-        if raw != trimmed {
-            keys.push(DecodingKey::from_secret(raw.as_bytes()));
-        }
         Self {
-            keys,
+            ring: RwLock::new(Arc::new(KeyRing::new(keys))),
             validation,
             max_lifetime_secs: None,
+            reload: None,
         }
+    }
+
+    /// Reads the keys again from `source` when a token matches none of them, the ones it was
+    /// built with counting as just read.
+    pub fn with_key_source(mut self, source: Arc<dyn JwtKeySource>) -> Self {
+        self.reload = Some(Reload {
+            source,
+            loaded_at: tokio::sync::Mutex::new(Instant::now()),
+        });
+        self
     }
 
     /// Refuses tokens without `iat` or living longer than `max` (`JWT_MAX_LIFETIME_SECONDS`):
@@ -166,22 +258,60 @@ impl JwtVerifier {
         self
     }
 
+    fn ring(&self) -> Arc<KeyRing> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Checks `token` against the keys held now (no Secrets Manager call).
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        self.verify_with(&self.ring(), token)
+    }
+
+    fn verify_with(&self, ring: &KeyRing, token: &str) -> Result<UserId, AuthError> {
         check_header(token)?;
+        let now = OffsetDateTime::now_utc();
+        let mut by_previous = false;
+        let mut outcome = self.decode(&ring.current, token);
+        if matches!(outcome, Err(AuthError::Signature)) && ring.previous_accepted(now) {
+            outcome = self.decode(&ring.previous, token);
+            by_previous = true;
+        }
+        let user = self.check_claims(outcome?, now)?;
+        if by_previous {
+            // Operators watch this fall to zero before the grace period ends (docs/OPERATIONS.md).
+            tracing::info!(
+                event = "jwt_previous_key_used",
+                "a token signed with the previous JWT key was accepted"
+            );
+        }
+        Ok(user)
+    }
+
+    fn decode(
+        &self,
+        keys: &[DecodingKey],
+        token: &str,
+    ) -> Result<jsonwebtoken::TokenData<Claims>, AuthError> {
         let mut outcome = Err(AuthError::Signature);
-        for key in &self.keys {
+        for key in keys {
             outcome = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
                 .map_err(|e| classify(e.kind()));
             if !matches!(outcome, Err(AuthError::Signature)) {
                 break;
             }
         }
-        let data = outcome?;
+        outcome
+    }
+
+    fn check_claims(
+        &self,
+        data: jsonwebtoken::TokenData<Claims>,
+        now: OffsetDateTime,
+    ) -> Result<UserId, AuthError> {
         if let Some(max) = self.max_lifetime_secs {
             let issued = data.claims.iat.as_ref().and_then(serde_json::Value::as_i64);
             let expires = data.claims.exp.as_ref().and_then(serde_json::Value::as_i64);
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            if !lifetime_within(issued, expires, max, now) {
+            if !lifetime_within(issued, expires, max, now.unix_timestamp()) {
                 return Err(AuthError::Lifetime);
             }
         }
@@ -191,11 +321,55 @@ impl JwtVerifier {
         }
     }
 
+    /// Checks `token`; if its signature matches none of the held keys, reads the keys again
+    /// (when allowed) and checks it once more.
+    pub async fn verify_fresh(&self, token: &str) -> Result<UserId, AuthError> {
+        let ring = self.ring();
+        match self.verify_with(&ring, token) {
+            Err(AuthError::Signature) if self.reloaded_since(&ring).await => {
+                self.verify_with(&self.ring(), token)
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Whether keys other than `used` are held now, reading them again if the last read is
+    /// older than `SECRET_RELOAD_INTERVAL`. Callers queue behind one read (bounded by the AWS
+    /// call timeout) and then find it fresh. A failed read counts as a read, so a failing
+    /// Secrets Manager, or a stream of forged tokens, costs one call per interval.
+    async fn reloaded_since(&self, used: &Arc<KeyRing>) -> bool {
+        let Some(reload) = &self.reload else {
+            return false;
+        };
+        let mut loaded_at = reload.loaded_at.lock().await;
+        if !Arc::ptr_eq(&self.ring(), used) {
+            return true;
+        }
+        if loaded_at.elapsed() < SECRET_RELOAD_INTERVAL {
+            return false;
+        }
+        *loaded_at = Instant::now();
+        match reload.source.fetch().await {
+            Ok(keys) if keys != used.keys => {
+                *self.ring.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(KeyRing::new(keys));
+                tracing::info!(event = "jwt_keys_reloaded", "new JWT keys are in use");
+                true
+            }
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(event = "jwt_keys_unreadable", error = %error, "could not read the JWT keys again");
+                false
+            }
+        }
+    }
+
     /// The caller of `req`, or a 401. Refusals are logged as security events.
-    pub fn authenticate(&self, req: &Request) -> Result<UserId, ApiError> {
-        let outcome = bearer_token(req)
-            .ok_or(AuthError::Missing)
-            .and_then(|token| self.verify(token));
+    pub async fn authenticate(&self, req: &Request) -> Result<UserId, ApiError> {
+        let outcome = match bearer_token(req) {
+            Some(token) => self.verify_fresh(token).await,
+            None => Err(AuthError::Missing),
+        };
         outcome.map_err(|reason| {
             tracing::warn!(
                 event = "auth_failure",
@@ -473,6 +647,119 @@ mod tests {
         let rsa = DecodingKey::from_rsa_der(KEY.as_bytes());
         assert!(raw_verify(&tag, message, &rsa, Algorithm::HS256).is_err());
         assert!(install_jwt_crypto(), "ours, installed again");
+    }
+
+    fn signed_with(key: &str) -> String {
+        install_jwt_crypto();
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims(),
+            &EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn rotated(current: &str, previous: &str, until: OffsetDateTime) -> JwtKeys {
+        JwtKeys {
+            current: Secret::new(current),
+            previous: Some((Secret::new(previous), until)),
+        }
+    }
+
+    /// The previous key verifies until its grace period ends, and never stands in for a
+    /// failure other than the signature.
+    #[test]
+    fn the_previous_key_is_accepted_during_its_grace_period_only() {
+        let now = OffsetDateTime::now_utc();
+        let new = "the-new-key-for-unit-tests-only";
+        let within = JwtVerifier::new(
+            rotated(new, KEY, now + time::Duration::minutes(5)),
+            Some("host-app"),
+            Some("klaviyo-connect"),
+        );
+        assert_eq!(within.verify(&signed_with(new)).unwrap().as_str(), "user-1");
+        assert_eq!(within.verify(&signed_with(KEY)).unwrap().as_str(), "user-1");
+        assert_eq!(
+            within.verify(&signed_with("a-third-key")),
+            Err(AuthError::Signature)
+        );
+        let mut expired = claims();
+        expired["exp"] = json!(now.unix_timestamp() - LEEWAY_SECS as i64 - 60);
+        assert_eq!(
+            within.verify(&sign(Algorithm::HS256, expired)),
+            Err(AuthError::Expired)
+        );
+
+        let over = JwtVerifier::new(
+            rotated(new, KEY, now - time::Duration::seconds(1)),
+            Some("host-app"),
+            Some("klaviyo-connect"),
+        );
+        assert!(over.verify(&signed_with(new)).is_ok());
+        assert_eq!(over.verify(&signed_with(KEY)), Err(AuthError::Signature));
+    }
+
+    /// Secrets Manager as seen by one container: what it holds now, and how often it was read.
+    struct Keys {
+        held: std::sync::Mutex<JwtKeys>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl JwtKeySource for Keys {
+        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<JwtKeys, String>> + Send + '_>> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let keys = self.held.lock().unwrap().clone();
+            Box::pin(async move { Ok(keys) })
+        }
+    }
+
+    /// A key put while the container runs: the first token signed with it makes the verifier
+    /// read the keys again and passes; tokens with the old key pass as the previous one; a
+    /// forged token causes no second read within the interval, and the first verifier without
+    /// a source never reads.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_with_an_unknown_key_makes_the_keys_be_read_again() {
+        let new = "the-new-key-for-unit-tests-only";
+        let source = Arc::new(Keys {
+            held: std::sync::Mutex::new(JwtKeys::current_only(Secret::new(KEY))),
+            reads: Default::default(),
+        });
+        let reloading = verifier().with_key_source(source.clone());
+        let reads = || source.reads.load(std::sync::atomic::Ordering::SeqCst);
+
+        // Unchanged keys: a forged token is refused after one read, and the next within the
+        // interval causes none.
+        tokio::time::advance(SECRET_RELOAD_INTERVAL).await;
+        assert_eq!(
+            reloading.verify_fresh(&signed_with(new)).await,
+            Err(AuthError::Signature)
+        );
+        assert_eq!(reads(), 1);
+
+        // The operator puts a new key.
+        *source.held.lock().unwrap() = rotated(
+            new,
+            KEY,
+            OffsetDateTime::now_utc() + time::Duration::hours(1),
+        );
+        assert_eq!(
+            reloading.verify_fresh(&signed_with(new)).await,
+            Err(AuthError::Signature),
+            "read again within the interval"
+        );
+        assert_eq!(reads(), 1);
+        tokio::time::advance(SECRET_RELOAD_INTERVAL).await;
+        assert!(reloading.verify_fresh(&signed_with(new)).await.is_ok());
+        assert_eq!(reads(), 2);
+        assert!(reloading.verify_fresh(&signed_with(KEY)).await.is_ok());
+        assert!(reloading.verify(&signed_with(new)).is_ok());
+        assert_eq!(reads(), 2, "no read once the key is held");
+
+        let without_source = verifier();
+        assert_eq!(
+            without_source.verify_fresh(&signed_with(new)).await,
+            Err(AuthError::Signature)
+        );
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub struct JwtConfig {
     /// Longest `exp - iat` accepted (`JWT_MAX_LIFETIME_SECONDS`, 60–86,400); tokens must
     /// then carry `iat`. Unset: no cap.
     pub max_lifetime_secs: Option<u64>,
+    /// How long after the key's current version was created its previous version is still
+    /// accepted (`JWT_PREVIOUS_KEY_GRACE_SECONDS`, 0–604,800, default a day); 0: never.
+    pub previous_key_grace_secs: u64,
 }
 
 impl Config {
@@ -162,6 +165,11 @@ impl Config {
                     }
                     None => None,
                 },
+                previous_key_grace_secs: env.bounded(
+                    "JWT_PREVIOUS_KEY_GRACE_SECONDS",
+                    86_400,
+                    0..=604_800,
+                )? as u64,
             },
             frontend_url,
             allowed_origins,
@@ -515,6 +523,7 @@ mod tests {
         assert_eq!(config.allowed_origins, vec!["https://app.example.com"]);
         assert_eq!(config.jwt.issuer, None);
         assert_eq!(config.jwt.max_lifetime_secs, None);
+        assert_eq!(config.jwt.previous_key_grace_secs, 86_400);
         assert_eq!(config.connect_completion, ConnectCompletion::Required);
         assert_eq!(config.event_bus_name, None);
         let mut bus = base();
@@ -609,6 +618,8 @@ mod tests {
             ("CONNECT_RATE_WINDOW_SECONDS", "-5"),
             ("JWT_MAX_LIFETIME_SECONDS", "59"),
             ("JWT_MAX_LIFETIME_SECONDS", "86401"),
+            ("JWT_PREVIOUS_KEY_GRACE_SECONDS", "604801"),
+            ("JWT_PREVIOUS_KEY_GRACE_SECONDS", "-1"),
             ("CONNECT_COMPLETION", "Required"),
             ("REFRESH_POLICY", "lazy"),
             ("REFRESH_ACTIVE_WINDOW", "24"),

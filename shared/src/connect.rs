@@ -79,12 +79,12 @@ impl Endpoint for Connect {
         let path = req.uri().path().trim_end_matches('/');
         if path.ends_with("/verify") {
             require_method(req, Method::POST, "POST, OPTIONS")?;
-            let user = self.auth.authenticate(req)?;
+            let user = self.auth.authenticate(req).await?;
             return self.verifier.respond(user, req).await;
         }
         if path.ends_with("/api-key") {
             require_method(req, Method::POST, "POST, OPTIONS")?;
-            let user = self.auth.authenticate(req)?;
+            let user = self.auth.authenticate(req).await?;
             return self.connect_api_key(user, req).await;
         }
         if path.ends_with("/decline") {
@@ -93,11 +93,11 @@ impl Endpoint for Connect {
         }
         if path.ends_with("/complete") {
             require_method(req, Method::POST, "POST, OPTIONS")?;
-            let user = self.auth.authenticate(req)?;
+            let user = self.auth.authenticate(req).await?;
             return self.completer.complete(user, req).await;
         }
         require_method(req, Method::GET, "GET, OPTIONS")?;
-        let user = self.auth.authenticate(req)?;
+        let user = self.auth.authenticate(req).await?;
         self.start_oauth(user, req).await
     }
 }

@@ -4,14 +4,16 @@
 //! secret is read again when Klaviyo rejects it (`crate::klaviyo`) and by the refresh job at
 //! the start of every run, so putting a new value takes effect without a redeploy. A client
 //! secret put with a trailing newline (`file://secret.txt`) is trimmed; the JWT key is
-//! accepted both ways (`crate::auth`), since the host app may sign with either.
+//! accepted both ways (`crate::auth`), since the host app may sign with either. The JWT key is
+//! read with its previous version, accepted for `JWT_PREVIOUS_KEY_GRACE_SECONDS` after the
+//! current one was created, and read again when a token matches neither (`crate::auth`).
 //!
 //! A bad setting stops start-up (nothing can fix it but a deploy). Secrets Manager being
 //! down does not: an HTTP function that could not fetch its secrets at start-up answers 503
 //! (the callback: its failure redirect) and tries again on the next request, so a blip during
 //! a cold start costs one request, not a crash loop.
 
-use crate::auth::JwtVerifier;
+use crate::auth::{JwtKeySource, JwtKeys, JwtVerifier};
 use crate::config::{Config, ConfigError};
 use crate::crypto::Sealer;
 use crate::events::Publisher;
@@ -30,6 +32,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 /// Why a function could not start. `Debug` prints the same sentence as `Display` so the
@@ -87,18 +90,14 @@ impl Environment {
         Web::new(self.config.allowed_origins.clone())
     }
 
-    /// Fetches the HS256 key once and builds the verifier. A key shorter than 32 bytes (256
-    /// bits, RFC 7518 §3.2) is refused: tokens signed with it could be forged by guessing it.
+    /// Fetches the HS256 keys once and builds the verifier, which reads them again when a
+    /// token matches none of them.
     pub async fn jwt_verifier(&self) -> Result<JwtVerifier, InitError> {
         if !crate::auth::install_jwt_crypto() {
             log_failure(&InitError::JwtCrypto);
             return Err(InitError::JwtCrypto);
         }
-        let key = self
-            .secret("JWT_SECRET_ARN", &self.config.jwt.secret_arn)
-            .await
-            .and_then(long_enough)
-            .inspect_err(log_failure)?;
+        let keys = self.jwt_keys().await.inspect_err(log_failure)?;
         let jwt = &self.config.jwt;
         if jwt.issuer.is_none() || jwt.audience.is_none() {
             // The template always sets both; without them any token signed with this key
@@ -109,9 +108,56 @@ impl Environment {
             );
         }
         Ok(
-            JwtVerifier::hs256(&key, jwt.issuer.as_deref(), jwt.audience.as_deref())
-                .with_max_lifetime(jwt.max_lifetime_secs),
+            JwtVerifier::new(keys, jwt.issuer.as_deref(), jwt.audience.as_deref())
+                .with_max_lifetime(jwt.max_lifetime_secs)
+                .with_key_source(Arc::new(JwtKeySecret(self.clone()))),
         )
+    }
+
+    /// The key's current version and, within its grace period, the previous one, read at
+    /// once. A key shorter than 32 bytes (256 bits, RFC 7518 §3.2) is refused: tokens signed
+    /// with it could be forged by guessing it. The previous version is only ever a bonus: if
+    /// it cannot be read, is short, or its grace is over, only the current key is accepted.
+    async fn jwt_keys(&self) -> Result<JwtKeys, InitError> {
+        let (setting, arn) = ("JWT_SECRET_ARN", &self.config.jwt.secret_arn);
+        let grace_secs = self.config.jwt.previous_key_grace_secs;
+        let (current, previous) = tokio::join!(self.secret_version(setting, arn, None), async {
+            match grace_secs {
+                0 => Ok(None),
+                _ => {
+                    self.secret_version(setting, arn, Some(PREVIOUS_STAGE))
+                        .await
+                }
+            }
+        },);
+        let current = current?.ok_or(InitError::Secret {
+            setting,
+            reason: "the secret has no current version".into(),
+        })?;
+        let key = long_enough(current.value)?;
+        let until = current
+            .created
+            .map(|created| created + time::Duration::seconds(grace_secs as i64));
+        let previous = match (previous, until) {
+            (Ok(Some(previous)), Some(until)) if OffsetDateTime::now_utc() < until => {
+                long_enough(previous.value)
+                    .inspect_err(|e| {
+                        tracing::warn!(event = "jwt_previous_key_ignored", error = %e, "the JWT key's previous version is not accepted");
+                    })
+                    .ok()
+                    .filter(|previous| *previous != key)
+                    .map(|previous| (previous, until))
+            }
+            (Err(e), _) => {
+                tracing::warn!(event = "jwt_previous_key_ignored", error = %e, "the JWT key's previous version is not accepted");
+                None
+            }
+            _ => None,
+        };
+        Ok(JwtKeys {
+            current: key,
+            previous,
+        })
     }
 
     /// Fetches the Klaviyo client secret and builds the client, which reads it again from
@@ -166,31 +212,75 @@ impl Environment {
 
     /// A secret's `SecretString` is the value itself (one `put-secret-value` to rotate).
     async fn secret(&self, setting: &'static str, arn: &str) -> Result<Secret, InitError> {
+        let current = self.secret_version(setting, arn, None).await?;
+        current
+            .map(|version| version.value)
+            .ok_or(InitError::Secret {
+                setting,
+                reason: "the secret has no current version".into(),
+            })
+    }
+
+    /// The version of a secret with staging label `stage` (AWSCURRENT when `None`), or `None`
+    /// if no version has that label.
+    async fn secret_version(
+        &self,
+        setting: &'static str,
+        arn: &str,
+        stage: Option<&str>,
+    ) -> Result<Option<SecretVersion>, InitError> {
         let client = aws_sdk_secretsmanager::Client::new(&self.sdk);
-        let output = client
+        let result = client
             .get_secret_value()
             .secret_id(arn)
+            .set_version_stage(stage.map(str::to_owned))
             .send()
-            .await
-            .map_err(|e| {
+            .await;
+        let output = match result {
+            Ok(output) => output,
+            Err(e) => {
+                let code = e.as_service_error().and_then(ProvideErrorMetadata::code);
+                if stage.is_some() && code == Some("ResourceNotFoundException") {
+                    return Ok(None);
+                }
                 let reason = DisplayErrorContext(&e).to_string();
-                if e.as_service_error()
-                    .and_then(ProvideErrorMetadata::code)
-                    .is_some_and(|code| code == "AccessDeniedException")
-                {
+                if code == Some("AccessDeniedException") {
                     // A policy missing the secret: the alarm on this event pages.
                     tracing::error!(event = "aws_access_denied", service = "secretsmanager", error = %reason, "Secrets Manager refused a call");
                 }
-                InitError::Secret { setting, reason }
-            })?;
-        output
+                return Err(InitError::Secret { setting, reason });
+            }
+        };
+        let created = output
+            .created_date
+            .and_then(|at| OffsetDateTime::from_unix_timestamp(at.secs()).ok());
+        let value = output
             .secret_string
             .filter(|value| !value.trim().is_empty())
             .map(Secret::new)
             .ok_or(InitError::Secret {
                 setting,
                 reason: "the secret has no SecretString value".into(),
-            })
+            })?;
+        Ok(Some(SecretVersion { value, created }))
+    }
+}
+
+/// The staging label Secrets Manager gives the version a `put-secret-value` replaced.
+const PREVIOUS_STAGE: &str = "AWSPREVIOUS";
+
+/// One version of a secret: its value and when it was created.
+struct SecretVersion {
+    value: Secret,
+    created: Option<OffsetDateTime>,
+}
+
+/// The JWT key in Secrets Manager, read again on demand.
+struct JwtKeySecret(Environment);
+
+impl JwtKeySource for JwtKeySecret {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<JwtKeys, String>> + Send + '_>> {
+        Box::pin(async move { self.0.jwt_keys().await.map_err(|e| e.to_string()) })
     }
 }
 

@@ -53,7 +53,7 @@ impl Endpoint for Disconnect {
 
     async fn respond(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         require_method(req, Method::DELETE, "DELETE, OPTIONS")?;
-        let user = self.auth.authenticate(req)?;
+        let user = self.auth.authenticate(req).await?;
         // Ids are UUIDs; anything else cannot exist (and is answered like a stranger's id).
         let id = path_param(req, "accountId", ROUTE_PREFIX)
             .and_then(|id| Connection::parse_id(&id))

@@ -13,7 +13,7 @@
 //! from its `ClientSecretSource`; if it changed, the call is made once more with the new one.
 
 use crate::config::KlaviyoConfig;
-use crate::secret::Secret;
+use crate::secret::{SECRET_RELOAD_INTERVAL, Secret};
 use http::header::{ACCEPT, AUTHORIZATION, HeaderMap, RETRY_AFTER};
 use oauth2::AsyncHttpClient;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
@@ -40,8 +40,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest response body read from Klaviyo; real ones are a few KB.
 const MAX_RESPONSE_BODY: usize = 256 * 1024;
-/// A rejected client secret is read again at most this often per container.
-pub const SECRET_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
 
 type OAuthClient =
     BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;

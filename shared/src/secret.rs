@@ -6,6 +6,11 @@
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 use std::fmt;
+use std::time::Duration;
+
+/// A secret that stopped working (Klaviyo refused the client secret, a JWT matched no key) is
+/// read again from Secrets Manager at most this often per container.
+pub const SECRET_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct Secret(SecretString);
 

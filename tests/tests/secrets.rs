@@ -17,7 +17,7 @@ use e2e::{
     callback_request, connect_due, klaviyo_account, setting, settings_page, stored, token_for,
     unique,
 };
-use shared::klaviyo::SECRET_RELOAD_INTERVAL;
+use shared::secret::SECRET_RELOAD_INTERVAL;
 use std::time::{Duration, Instant};
 
 async fn secrets() -> aws_sdk_secretsmanager::Client {
@@ -249,5 +249,62 @@ async fn a_short_jwt_key_is_refused_naming_the_setting() {
             .status,
         200,
         "a proper key is picked up on the next request"
+    );
+}
+
+/// Rotating the JWT key without downtime (docs/OPERATIONS.md): after `put-secret-value`, new
+/// containers accept the new key and, for `JWT_PREVIOUS_KEY_GRACE_SECONDS`, the old one; a
+/// container started before the put reads the keys again on the first token signed with the
+/// new key, once its last read is `SECRET_RELOAD_INTERVAL` old; with a grace of 0 the old key
+/// is refused at once. A key neither current nor previous is refused everywhere.
+#[tokio::test]
+async fn a_new_jwt_key_works_without_a_restart_and_the_old_one_during_its_grace() {
+    let _serial = SERIAL.lock().await;
+    let restore = RestoreOnDrop::new("JWT_SECRET_ARN").await;
+    let old = restore.value.clone();
+    let before = LocalLambda::start("accounts", &[]).await;
+    let started = Instant::now();
+    assert_eq!(list_signed_with(&before, &old).await.status, 200);
+
+    let new = format!("test-only-jwt-key-{}", uuid::Uuid::new_v4().simple());
+    put_secret("JWT_SECRET_ARN", &new).await;
+    let after = LocalLambda::start("accounts", &[]).await;
+    let strict = LocalLambda::start(
+        "accounts",
+        &[("JWT_PREVIOUS_KEY_GRACE_SECONDS", "0".to_owned())],
+    )
+    .await;
+    let forged = format!("test-only-other-key-{}", uuid::Uuid::new_v4().simple());
+    for (name, function, key, status) in [
+        ("started after, new key", &after, &new, 200),
+        ("started after, old key", &after, &old, 200),
+        ("started after, another key", &after, &forged, 401),
+        ("no grace, new key", &strict, &new, 200),
+        ("no grace, old key", &strict, &old, 401),
+        ("started before, old key", &before, &old, 200),
+        (
+            "started before, new key, read a moment ago",
+            &before,
+            &new,
+            401,
+        ),
+    ] {
+        let reply = list_signed_with(function, key).await;
+        assert_eq!(reply.status, status, "{name}: {}", reply.body);
+    }
+    assert_eq!(events(&after.log(), "jwt_previous_key_used").len(), 1);
+    assert!(events(&strict.log(), "jwt_previous_key_used").is_empty());
+
+    tokio::time::sleep_until((started + SECRET_RELOAD_INTERVAL + Duration::from_secs(3)).into())
+        .await;
+    for (key, status) in [(&new, 200), (&old, 200), (&forged, 401)] {
+        let reply = list_signed_with(&before, key).await;
+        assert_eq!(reply.status, status, "started before: {}", reply.body);
+    }
+    assert_eq!(events(&before.log(), "jwt_keys_reloaded").len(), 1);
+    let log = before.log() + &after.log();
+    assert!(
+        !log.contains(&new) && !log.contains(old.trim()),
+        "no key is logged"
     );
 }
