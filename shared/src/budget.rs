@@ -9,14 +9,14 @@
 //! revocation at `INLINE_BUDGET`; concurrent steps count as their slowest one. Secrets are
 //! counted once: an HTTP function that could not read them at start-up reads them on its
 //! first request, and a token matching none of the JWT keys makes a warm container read them
-//! again (`crate::auth`), never both in one request, since a read counts for a minute. A call Klaviyo refuses with `invalid_client` may read the client secret
-//! again and be made once more (`crate::klaviyo`); inline revocations stay inside their
+//! again (`crate::adapters::auth`), never both in one request, since a read counts for a minute. A call Klaviyo refuses with `invalid_client` may read the client secret
+//! again and be made once more (`crate::adapters::klaviyo`); inline revocations stay inside their
 //! budget either way.
 
+use crate::adapters::klaviyo::{REQUEST_TIMEOUT, REVOKE_TIMEOUT};
 use crate::context::AWS_CALL_TIMEOUT;
-use crate::klaviyo::{REQUEST_TIMEOUT, REVOKE_TIMEOUT};
-use crate::refresh::{DEADLINE_MARGIN, LEASE, WRITE_ATTEMPTS, WRITE_RETRY_PAUSE};
-use crate::revocation::{INLINE_BUDGET, REPLACE_ATTEMPTS};
+use crate::use_cases::refresh::{DEADLINE_MARGIN, LEASE, WRITE_ATTEMPTS, WRITE_RETRY_PAUSE};
+use crate::use_cases::revocation::{INLINE_BUDGET, REPLACE_ATTEMPTS};
 use std::fmt;
 use std::time::Duration;
 
@@ -150,11 +150,13 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
             replace(budget).step("re-read after a failed write", AWS)
         }
         "accounts" => http_request().step("Query the user's connections", AWS),
-        // "Test connection" (a route of the connect function, `crate::verify`).
+        // "Test connection" (a route of the connect function, `crate::use_cases::verify`).
         "verify" => {
             let lease = (
                 "take the lease, waiting while another worker holds it",
-                crate::verify::LEASE_WAIT + crate::verify::WAIT_FOR_LEASE + AWS * 2,
+                crate::use_cases::verify::LEASE_WAIT
+                    + crate::use_cases::verify::WAIT_FOR_LEASE
+                    + AWS * 2,
             );
             http_request()
                 .step("rate-limit counter", AWS)
@@ -172,7 +174,7 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
         }
         "disconnect" => http_request()
             .repeat(
-                crate::disconnect::ATTEMPTS,
+                crate::use_cases::disconnect::ATTEMPTS,
                 "read + (transaction ∥ KMS Decrypt) + read of the queue item, per attempt",
                 AWS * 3,
             )
@@ -183,7 +185,7 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
             .step("read the connection", AWS)
             .step(
                 "wait while another worker refreshes it (reads and lease attempts)",
-                crate::refresh::AccessTokens::WAIT_IN_ALL + AWS * 2,
+                crate::use_cases::refresh::AccessTokens::WAIT_IN_ALL + AWS * 2,
             )
             .step("read again and take the lease", AWS * 2)
             .step(
@@ -194,7 +196,8 @@ pub fn worst_case(binary: &str, timeout: Duration) -> Option<Budget> {
         // entries tried again twice with pauses of 0.2 and 0.4 s.
         "events" => Budget::new().step(
             "PutEvents, three attempts with their pauses",
-            AWS * crate::events::PUT_ATTEMPTS + crate::events::RETRY_PAUSE * 3,
+            AWS * crate::use_cases::events::PUT_ATTEMPTS
+                + crate::use_cases::events::RETRY_PAUSE * 3,
         ),
         // The job stops taking work DEADLINE_MARGIN before its deadline; what is in flight
         // then is at most one item per worker, all in parallel.

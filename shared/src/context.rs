@@ -1,27 +1,28 @@
 //! Start-up: what every function builds once per container. Configuration is read and
 //! validated, AWS is configured once (timeouts, retries, `AWS_ENDPOINT_URL`), and the
 //! secrets a function needs are fetched from Secrets Manager once and kept. The Klaviyo client
-//! secret is read again when Klaviyo rejects it (`crate::klaviyo`) and by the refresh job at
+//! secret is read again when Klaviyo rejects it (`crate::adapters::klaviyo`) and by the refresh job at
 //! the start of every run, so putting a new value takes effect without a redeploy. A client
 //! secret put with a trailing newline (`file://secret.txt`) is trimmed; the JWT key is
-//! accepted both ways (`crate::auth`), since the host app may sign with either. The JWT key is
+//! accepted both ways (`crate::adapters::auth`), since the host app may sign with either. The JWT key is
 //! read with its previous version, accepted for `JWT_PREVIOUS_KEY_GRACE_SECONDS` after the
-//! current one was created, and read again when a token matches neither (`crate::auth`).
+//! current one was created, and read again when a token matches neither (`crate::adapters::auth`).
 //!
 //! A bad setting stops start-up (nothing can fix it but a deploy). Secrets Manager being
 //! down does not: an HTTP function that could not fetch its secrets at start-up answers 503
 //! (the callback: its failure redirect) and tries again on the next request, so a blip during
 //! a cold start costs one request, not a crash loop.
 
-use crate::auth::{JwtKeySource, JwtKeys, JwtVerifier};
-use crate::config::{Config, ConfigError};
-use crate::crypto::Sealer;
-use crate::events::Publisher;
-use crate::http::{ApiError, FrontendRedirects, Web};
-use crate::klaviyo::{ClientSecretSource, Klaviyo};
-use crate::revocation::Revoker;
-use crate::secret::Secret;
-use crate::store::Store;
+use crate::adapters::auth::{JwtKeySource, JwtKeys, JwtVerifier};
+use crate::adapters::config::{Config, ConfigError};
+use crate::adapters::crypto::Sealer;
+use crate::adapters::event_bus::EventBus;
+use crate::adapters::http::{ApiError, FrontendRedirects, Web};
+use crate::adapters::klaviyo::{ClientSecretSource, Klaviyo};
+use crate::adapters::store::Store;
+use crate::domain::secret::Secret;
+use crate::use_cases::events::Publisher;
+use crate::use_cases::revocation::Revoker;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
@@ -93,7 +94,7 @@ impl Environment {
     /// Fetches the HS256 keys once and builds the verifier, which reads them again when a
     /// token matches none of them.
     pub async fn jwt_verifier(&self) -> Result<JwtVerifier, InitError> {
-        if !crate::auth::install_jwt_crypto() {
+        if !crate::adapters::auth::install_jwt_crypto() {
             log_failure(&InitError::JwtCrypto);
             return Err(InitError::JwtCrypto);
         }
@@ -196,10 +197,10 @@ impl Environment {
             .as_deref()
             .ok_or_else(|| InitError::Config(ConfigError::missing("EVENT_BUS_NAME")));
         let bus = bus.inspect_err(log_failure)?;
-        Ok(Publisher::new(
+        Ok(Publisher::new(EventBus::new(
             aws_sdk_eventbridge::Client::new(&self.sdk),
             bus,
-        ))
+        )))
     }
 
     pub fn revoker(&self, klaviyo: Klaviyo) -> Revoker {
@@ -398,7 +399,7 @@ pub const AWS_ATTEMPTS: u32 = 3;
 /// tools and tests that make SDK clients of their own.
 pub async fn aws_sdk_config() -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
-        .http_client(crate::aws_http::client())
+        .http_client(crate::adapters::aws_http::client())
         .load()
         .await
 }
@@ -417,7 +418,7 @@ pub fn aws_config_loader() -> aws_config::ConfigLoader {
         .operation_timeout(AWS_CALL_TIMEOUT)
         .build();
     aws_config::defaults(BehaviorVersion::latest())
-        .http_client(crate::aws_http::client())
+        .http_client(crate::adapters::aws_http::client())
         .timeout_config(timeouts)
         .retry_config(RetryConfig::standard().with_max_attempts(AWS_ATTEMPTS))
 }

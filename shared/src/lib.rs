@@ -1,44 +1,36 @@
-//! klaviyo-connect's core: everything the Lambda functions do, so that each binary is
-//! a few lines. Infrastructure modules (`config`, `context`, `auth`, `crypto`, `store`,
-//! `http`, `telemetry`) serve one module per use case (`connect`, `callback`, `complete`,
-//! `accounts`, `disconnect`, `verify`, `refresh`, `token`, `events`), which is where a request goes.
+//! klaviyo-connect's core: everything the Lambda functions do, so that each binary is a few
+//! lines. The tree shows the layers:
+//!
+//! - `use_cases`: one module per thing the service does (`connect`, `callback`, `complete`,
+//!   `accounts`, `disconnect`, `verify`, `refresh`, `token`, `events`, and `revocation`, which
+//!   several share). This is where a request or an event goes.
+//! - `adapters`: what the use cases talk to (`store`, `crypto`, `klaviyo`, `http`, `auth`,
+//!   `config`, `aws_http`, `event_bus`, `telemetry`).
+//! - `domain`: the types both share (`model`, `secret`, `rate_limit`).
+//! - `context`: start-up, which builds the adapters once per container and hands them to the
+//!   use cases; `budget`: each function's worst-case time, from both layers' timeouts.
+//!
+//! Use cases call adapters, never the reverse; adapters call each other only through the
+//! types they share (`shared/tests/layers.rs` fails the build otherwise).
 
-pub mod accounts;
-pub mod auth;
-pub mod aws_http;
+pub mod adapters;
 pub mod budget;
-pub mod callback;
-pub mod complete;
-pub mod config;
-pub mod connect;
 pub mod context;
-pub mod crypto;
-pub mod disconnect;
-pub mod events;
-pub mod http;
-pub mod klaviyo;
-pub mod model;
-pub mod rate_limit;
-pub mod refresh;
-pub mod revocation;
-pub mod secret;
-pub mod store;
-pub mod telemetry;
-pub mod token;
-pub mod verify;
+pub mod domain;
+pub mod use_cases;
 
-pub use auth::{JwtVerifier, UserId};
-pub use config::Config;
+pub use adapters::auth::{JwtVerifier, UserId};
+pub use adapters::config::Config;
+pub use adapters::crypto::{Purpose, SealContext, SealedBlob, Sealer};
+pub use adapters::http::ApiError;
+pub use adapters::store::{Store, StoreError};
 pub use context::{Environment, InitError};
-pub use crypto::{Purpose, SealContext, SealedBlob, Sealer};
-pub use http::ApiError;
-pub use model::{
+pub use domain::model::{
     AuthType, Connection, ConnectionStatus, Credentials, ParkedConnection, PendingAuthorization,
     PendingRevocation, RefreshPolicy,
 };
-pub use refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
-pub use secret::Secret;
-pub use store::{Store, StoreError};
+pub use domain::secret::Secret;
+pub use use_cases::refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 
 /// A reqwest client builder, after installing this process's TLS crypto provider (ring), so that
 /// nothing in the process ever picks another. Every reqwest client in the workspace starts here,

@@ -204,7 +204,7 @@ async fn job(latency_ms: u64) {
     let env = Environment::load().await.expect("local stack environment");
     let klaviyo = env.klaviyo().await.expect("Klaviyo client");
     let concurrency = env.config.refresh_concurrency;
-    let job = shared::refresh::Refresh::new(&env, klaviyo);
+    let job = shared::use_cases::refresh::Refresh::new(&env, klaviyo);
     let rss_before = memory("VmRSS");
     let moto = moto_pid();
     let (job_cpu_before, moto_cpu_before) = (cpu_seconds("self"), cpu_seconds(&moto));
@@ -292,11 +292,11 @@ async fn sizes() {
     let table = env.config.table_name.clone();
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let mut items = Vec::new();
-    for bucket in 0..shared::store::DUE_BUCKETS {
+    for bucket in 0..shared::adapters::store::DUE_BUCKETS {
         let page = client
             .query()
             .table_name(&table)
-            .index_name(shared::store::DUE_INDEX)
+            .index_name(shared::adapters::store::DUE_INDEX)
             .key_condition_expression("due_bucket = :b AND due_at BETWEEN :from AND :to")
             .expression_attribute_values(":b", AttributeValue::S(format!("refresh#{bucket:02}")))
             .expression_attribute_values(":from", AttributeValue::N(now.to_string()))

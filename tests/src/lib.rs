@@ -53,7 +53,7 @@ pub fn claims(user: &str) -> Value {
 }
 
 pub fn sign(alg: Algorithm, key: &str, claims: &Value) -> String {
-    shared::auth::install_jwt_crypto();
+    shared::adapters::auth::install_jwt_crypto();
     jsonwebtoken::encode(
         &Header::new(alg),
         claims,
@@ -526,10 +526,10 @@ pub async fn refresh_grants(account: &str) -> usize {
 }
 
 /// The refresh job, in this process, against the same stack the functions use.
-pub async fn refresh_job() -> shared::refresh::Refresh {
+pub async fn refresh_job() -> shared::use_cases::refresh::Refresh {
     let env = environment().await;
     let klaviyo = env.klaviyo().await.expect("Klaviyo client");
-    shared::refresh::Refresh::new(&env, klaviyo)
+    shared::use_cases::refresh::Refresh::new(&env, klaviyo)
 }
 
 /// User plus system CPU time of a process (`self` or a pid), from `/proc/<pid>/stat`, for the

@@ -304,9 +304,12 @@ async fn a_valid_api_key_is_checked_at_klaviyo_sealed_and_listed() {
     let due = connection
         .refresh_due_at
         .expect("scheduled for its daily check");
-    assert_eq!(due, shared::model::key_check_due(&connection.id, due));
+    assert_eq!(
+        due,
+        shared::domain::model::key_check_due(&connection.id, due)
+    );
     assert!(
-        due > time::OffsetDateTime::now_utc() + shared::model::KEY_CHECK_MIN_GAP
+        due > time::OffsetDateTime::now_utc() + shared::domain::model::KEY_CHECK_MIN_GAP
             - time::Duration::minutes(1)
     );
     assert_eq!(connection.access_token_expires_at, None);

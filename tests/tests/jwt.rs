@@ -4,7 +4,7 @@
 use e2e::{claims, environment, jwt_key, now, sign, unique};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
-use shared::auth::AuthError;
+use shared::adapters::auth::AuthError;
 
 fn b64(value: &serde_json::Value) -> String {
     use base64::Engine;

@@ -13,7 +13,7 @@ use e2e::{
     register_api_key, rewrite, sandbox_url, stored, token_for, unique,
 };
 use serde_json::json;
-use shared::refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
+use shared::use_cases::refresh::{AccessTokenError, AccessTokens, KlaviyoCredential};
 use shared::{Connection, ConnectionStatus, Credentials, Secret, UserId};
 use time::{Duration, OffsetDateTime};
 
@@ -152,9 +152,9 @@ async fn several_rotations_in_a_row_keep_exactly_the_latest_token() {
     // And the stored connection still works.
     let (access, _) = tokens_of(&stored(&user, &id).await).await;
     let account_seen = klaviyo
-        .account(shared::klaviyo::ApiCredential::AccessToken(&Secret::new(
-            access,
-        )))
+        .account(shared::adapters::klaviyo::ApiCredential::AccessToken(
+            &Secret::new(access),
+        ))
         .await
         .unwrap();
     assert_eq!(account_seen.id, account);
@@ -412,7 +412,9 @@ async fn access_tokens_are_handed_out_fresh_and_refreshed_just_in_time() {
         .klaviyo()
         .await
         .unwrap()
-        .account(shared::klaviyo::ApiCredential::AccessToken(access))
+        .account(shared::adapters::klaviyo::ApiCredential::AccessToken(
+            access,
+        ))
         .await
         .unwrap();
     assert_eq!(account.id, expiring_account);
@@ -491,7 +493,7 @@ async fn connections_in_use_are_kept_fresh_and_idle_ones_get_a_keep_alive_a_day(
             assert_eq!(due, expires - Duration::minutes(15), "used {used:?}");
         } else {
             // The keep-alive: the connection's own point of the day, within a day (the tests
-            // in shared/src/model.rs pin the point and the spread).
+            // in shared/src/domain/model.rs pin the point and the spread).
             let keep_alive =
                 shared::RefreshPolicy::default().next_refresh(&before, expires, ran_at);
             assert_eq!(due, keep_alive, "used {used:?}: refreshed at {ran_at}");
@@ -518,7 +520,7 @@ async fn the_eager_policy_keeps_idle_connections_fresh_too() {
     let token = token_for(&user).await;
     let account = klaviyo_account();
     let id = connected_id(&token, &account).await;
-    let key = shared::store::ConnectionKey {
+    let key = shared::adapters::store::ConnectionKey {
         user_id: UserId::parse(&user).unwrap(),
         connection_id: id.clone(),
     };
@@ -536,10 +538,10 @@ async fn the_eager_policy_keeps_idle_connections_fresh_too() {
         .await
         .unwrap();
     env.config.refresh_policy = shared::RefreshPolicy::Eager;
-    let eager = shared::refresh::Refresher::new(&env, env.klaviyo().await.unwrap());
+    let eager = shared::use_cases::refresh::Refresher::new(&env, env.klaviyo().await.unwrap());
     let (outcome, _) = eager.refresh_leased(leased, now, "eager-test").await;
 
-    assert_eq!(outcome, shared::refresh::Outcome::Refreshed);
+    assert_eq!(outcome, shared::use_cases::refresh::Outcome::Refreshed);
     assert_eq!(refresh_grants(&account).await, 1);
     let after = stored(&user, &id).await;
     assert_eq!(

@@ -1,7 +1,7 @@
 //! KMS envelope sealing against the local KMS, through the real SDK.
 
 use e2e::{environment, unique};
-use shared::crypto::CryptoError;
+use shared::adapters::crypto::CryptoError;
 use shared::{Purpose, SealContext, SealedBlob};
 
 fn context(user: &str, connection: &str, purpose: Purpose) -> SealContext {

@@ -17,7 +17,7 @@ use e2e::{
     callback_request, connect_due, klaviyo_account, setting, settings_page, stored, token_for,
     unique,
 };
-use shared::secret::SECRET_RELOAD_INTERVAL;
+use shared::domain::secret::SECRET_RELOAD_INTERVAL;
 use std::time::{Duration, Instant};
 
 async fn secrets() -> aws_sdk_secretsmanager::Client {

@@ -2,7 +2,7 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use e2e::{environment, setting, unique};
-use shared::store::{DUE_INDEX, refresh_bucket};
+use shared::adapters::store::{DUE_INDEX, refresh_bucket};
 use shared::{
     AuthType, Connection, ConnectionStatus, PendingAuthorization, SealedBlob, Secret, StoreError,
     UserId,

@@ -265,7 +265,7 @@ fn a_refresh_ends_inside_its_lease() {
         shared::budget::refresh_fits_its_lease(),
         "one refresh may take {:?}, longer than its lease {:?}:\n{}",
         shared::budget::refresh_item().total(),
-        shared::refresh::LEASE,
+        shared::use_cases::refresh::LEASE,
         shared::budget::refresh_item()
     );
 }
@@ -276,7 +276,7 @@ fn a_connection_test_ends_inside_its_lease() {
         shared::budget::test_fits_its_lease(),
         "a test may hold the lease {:?}, longer than the lease {:?}:\n{}",
         shared::budget::test_under_its_lease().total(),
-        shared::refresh::LEASE,
+        shared::use_cases::refresh::LEASE,
         shared::budget::test_under_its_lease()
     );
 }
@@ -695,7 +695,7 @@ fn parameters_accept_only_what_the_functions_accept() {
         checked += 1;
         let accepts = Accepts::new(parameter);
         let parses = |value: &str| {
-            shared::config::Config::from_lookup(|name| {
+            shared::adapters::config::Config::from_lookup(|name| {
                 if name == variable {
                     Some(value.to_owned())
                 } else {

@@ -8,7 +8,7 @@ use e2e::{
     revoke_api_key, sandbox_url, stored, time_of, token_for, unique, verify,
 };
 use serde_json::{Value, json};
-use shared::model::{KEY_CHECK_INTERVAL, KEY_CHECK_MIN_GAP, StatusReason, key_check_due};
+use shared::domain::model::{KEY_CHECK_INTERVAL, KEY_CHECK_MIN_GAP, StatusReason, key_check_due};
 use shared::{ConnectionStatus, Credentials};
 use time::OffsetDateTime;
 

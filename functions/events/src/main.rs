@@ -1,9 +1,9 @@
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
-use shared::events::StreamEvent;
+use shared::use_cases::events::StreamEvent;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
-    shared::telemetry::init();
+    shared::adapters::telemetry::init();
     let publisher = shared::Environment::load().await?.publisher()?;
     let publisher = &publisher;
     run(service_fn(|event: LambdaEvent<StreamEvent>| async move {

@@ -1,9 +1,9 @@
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
-use shared::refresh::Refresh;
+use shared::use_cases::refresh::Refresh;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
-    shared::telemetry::init();
+    shared::adapters::telemetry::init();
     let refresh = Refresh::from_env().await?;
     let refresh = &refresh;
     run(service_fn(|event: LambdaEvent<serde_json::Value>| {

@@ -1,10 +1,10 @@
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use serde_json::value::RawValue;
-use shared::token::Tokens;
+use shared::use_cases::token::Tokens;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
-    shared::telemetry::init();
+    shared::adapters::telemetry::init();
     let tokens = Tokens::from_env().await?;
     let tokens = &tokens;
     // Raw: whatever a caller sends is answered (an invalid_request at worst), never turned

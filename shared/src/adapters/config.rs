@@ -5,8 +5,8 @@
 //! message naming it. Secrets themselves are not here: only the ARNs of the Secrets Manager
 //! entries that hold them (see `context`).
 
-use crate::model::{RefreshPolicy, USE_RECORDED_EVERY};
-use crate::rate_limit::RateLimit;
+use crate::domain::model::{RefreshPolicy, USE_RECORDED_EVERY};
+use crate::domain::rate_limit::RateLimit;
 use std::net::IpAddr;
 use url::Url;
 
@@ -68,7 +68,7 @@ pub struct Config {
 }
 
 /// `CONNECT_COMPLETION`: `Required` parks the callback's result until the user who started
-/// the flow completes it from their own session (`crate::complete`); `Off` connects at the
+/// the flow completes it from their own session (`crate::use_cases::complete`); `Off` connects at the
 /// callback, so whoever's browser follows an authorize URL connects their Klaviyo account to
 /// the user who started it (SECURITY.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

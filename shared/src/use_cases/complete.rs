@@ -22,15 +22,15 @@
 //! that dies in between leaves the parked result queued for revocation, which the refresh job
 //! finishes once its window has passed: nothing live is ever forgotten.
 
-use crate::accounts::AccountView;
-use crate::auth::UserId;
-use crate::connect::{count_attempt, log_connected};
-use crate::http::{ApiError, json, json_body, unavailable};
-use crate::model::{Connection, ParkedConnection};
-use crate::rate_limit::{RateLimit, Scope};
-use crate::revocation::{Revocation, Revoker};
-use crate::secret::Secret;
-use crate::store::{Claim, Store, StoreError};
+use crate::adapters::auth::UserId;
+use crate::adapters::http::{ApiError, json, json_body, unavailable};
+use crate::adapters::store::{Claim, Store, StoreError};
+use crate::domain::model::{Connection, ParkedConnection};
+use crate::domain::rate_limit::{RateLimit, Scope};
+use crate::domain::secret::Secret;
+use crate::use_cases::accounts::AccountView;
+use crate::use_cases::connect::{count_attempt, log_connected};
+use crate::use_cases::revocation::{Revocation, Revoker};
 use http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use serde::{Deserialize, Serialize};

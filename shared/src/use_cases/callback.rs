@@ -6,21 +6,21 @@
 //! `?error=klaviyo_connection_failed` for everything else. The steps, each failing closed:
 //! consume the pending state once; exchange the code with the PKCE verifier; fetch the
 //! Klaviyo account; seal the tokens; then park the result for the user's own session to
-//! complete (`crate::complete`), or with completion off upsert the connection. Tokens
+//! complete (`crate::use_cases::complete`), or with completion off upsert the connection. Tokens
 //! obtained for a flow that then fails are revoked, so no grant is left behind unstored.
 
-use crate::config::ConnectCompletion;
+use crate::adapters::config::ConnectCompletion;
+use crate::adapters::crypto::{CryptoError, Purpose, Sealer};
+use crate::adapters::http::{ApiError, FrontendRedirects, query_param, require_method};
+use crate::adapters::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
+use crate::adapters::store::{Store, StoreError};
 use crate::context::{Endpoint, Environment, InitError};
-use crate::crypto::{CryptoError, Purpose, Sealer};
-use crate::http::{ApiError, FrontendRedirects, query_param, require_method};
-use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError, TokenSet};
-use crate::model::{
+use crate::domain::model::{
     AuthType, Connection, ConnectionStatus, Credentials, ParkedConnection, PendingRevocation,
     REFRESH_LEAD,
 };
-use crate::revocation::{INLINE_BUDGET, Revoker};
-use crate::secret::Secret;
-use crate::store::{Store, StoreError};
+use crate::domain::secret::Secret;
+use crate::use_cases::revocation::{INLINE_BUDGET, Revoker};
 use http::Method;
 use lambda_http::{Body, Request, Response};
 use time::OffsetDateTime;
@@ -107,7 +107,7 @@ impl Endpoint for Callback {
                     .settings_with(&[("connected", "klaviyo"), ("completion", handle.expose())])
             }
             Ok(Outcome::Connected(connection)) => {
-                crate::connect::log_connected(&connection);
+                crate::use_cases::connect::log_connected(&connection);
                 self.frontend.settings("connected", "klaviyo")
             }
             Err(Failure::Denied) => {
@@ -235,7 +235,7 @@ impl Callback {
     /// The connection Klaviyo's answer makes: the account it names, the tokens sealed.
     async fn new_connection(
         &self,
-        pending: &crate::model::PendingAuthorization,
+        pending: &crate::domain::model::PendingAuthorization,
         tokens: &TokenSet,
     ) -> Result<Connection, Failure> {
         // The data key is bound to user and purpose (the connection goes into the AEAD), so

@@ -8,13 +8,13 @@
 //! read, transaction ∥ KMS, revoke, delete (a fifth, a read of the queue item, when the
 //! transaction's answer is not a success).
 
-use crate::auth::{JwtVerifier, UserId};
+use crate::adapters::auth::{JwtVerifier, UserId};
+use crate::adapters::crypto::Sealer;
+use crate::adapters::http::{ApiError, json, path_param, require_method, unavailable};
+use crate::adapters::store::{Store, StoreError};
 use crate::context::{Endpoint, Environment, InitError};
-use crate::crypto::Sealer;
-use crate::http::{ApiError, json, path_param, require_method, unavailable};
-use crate::model::{AuthType, Connection, Credentials, PendingRevocation};
-use crate::revocation::{Revocation, Revoker};
-use crate::store::{Store, StoreError};
+use crate::domain::model::{AuthType, Connection, Credentials, PendingRevocation};
+use crate::use_cases::revocation::{Revocation, Revoker};
 use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
 use serde::Serialize;

@@ -12,8 +12,8 @@
 //! (at most once per `SECRET_RELOAD_INTERVAL`) before it is refused, so a new key works in
 //! warm containers as soon as it is put.
 
-use crate::http::{ApiError, bearer_token};
-use crate::secret::{SECRET_RELOAD_INTERVAL, Secret};
+use crate::adapters::http::ApiError;
+use crate::domain::secret::{SECRET_RELOAD_INTERVAL, Secret};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use lambda_http::Request;
@@ -383,6 +383,18 @@ impl JwtVerifier {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer_token(req: &Request) -> Option<&str> {
+    let value = req
+        .headers()
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Issued (not in the future, beyond the leeway), expiring after it was issued, and living at
 /// most `max` seconds: so `exp` is at most `now + max + leeway` whatever the token claims
 /// (an `iat` in milliseconds, or years ahead, cannot stretch it).
@@ -538,6 +550,22 @@ mod tests {
 
     fn claims() -> serde_json::Value {
         json!({"sub": "user-1", "exp": now() + 300, "iss": "host-app", "aud": "klaviyo-connect"})
+    }
+
+    #[test]
+    fn bearer_token_parsing() {
+        let token = |value: &str| {
+            let req = http::Request::builder()
+                .header("authorization", value)
+                .body(lambda_http::Body::Empty)
+                .unwrap();
+            bearer_token(&req).map(str::to_owned)
+        };
+        assert_eq!(token("Bearer abc.def.ghi").as_deref(), Some("abc.def.ghi"));
+        assert_eq!(token("bearer  abc").as_deref(), Some("abc"));
+        assert_eq!(token("Basic abc"), None);
+        assert_eq!(token("Bearer "), None);
+        assert_eq!(token("Bearer"), None);
     }
 
     #[test]

@@ -305,14 +305,6 @@ pub fn require_method(req: &Request, allowed: Method, allow: &'static str) -> Re
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header, if there is one.
-pub fn bearer_token(req: &Request) -> Option<&str> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 /// A query parameter, from the event's parsed parameters or, failing that, the raw URI.
 pub fn query_param(req: &Request, name: &str) -> Option<String> {
     if let Some(value) = req
@@ -536,19 +528,6 @@ mod tests {
             nested.settings("connected", "klaviyo").headers()["location"],
             "https://example.com/app/settings?connected=klaviyo"
         );
-    }
-
-    #[test]
-    fn bearer_token_parsing() {
-        let token = |value: &str| {
-            let req = request(Method::GET, "/", &[("authorization", value)]);
-            bearer_token(&req).map(str::to_owned)
-        };
-        assert_eq!(token("Bearer abc.def.ghi").as_deref(), Some("abc.def.ghi"));
-        assert_eq!(token("bearer  abc").as_deref(), Some("abc"));
-        assert_eq!(token("Basic abc"), None);
-        assert_eq!(token("Bearer "), None);
-        assert_eq!(token("Bearer"), None);
     }
 
     #[test]

@@ -1,25 +1,25 @@
 //! `GET /api/oauth/connect/klaviyo` (start OAuth),
 //! `POST /api/oauth/connect/klaviyo/complete` (finish it from the user's session,
-//! `crate::complete`), `POST /api/oauth/connect/klaviyo/decline` (withdraw it when the page
+//! `crate::use_cases::complete`), `POST /api/oauth/connect/klaviyo/decline` (withdraw it when the page
 //! cannot) and `POST /api/oauth/connect/klaviyo/api-key` (connect with a private
 //! API key).
 
-use crate::accounts::AccountView;
-use crate::auth::{JwtVerifier, UserId};
-use crate::complete::Completer;
+use crate::adapters::auth::{JwtVerifier, UserId};
+use crate::adapters::crypto::{Purpose, Sealer};
+use crate::adapters::http::{ApiError, json, json_body, query_param, require_method, unavailable};
+use crate::adapters::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
+use crate::adapters::store::Store;
 use crate::context::{Endpoint, Environment, InitError};
-use crate::crypto::{Purpose, Sealer};
-use crate::http::{ApiError, json, json_body, query_param, require_method, unavailable};
-use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
-use crate::model::{
+use crate::domain::model::{
     AuthType, Connection, ConnectionStatus, Credentials, KEY_CHECK_MIN_GAP,
     PENDING_AUTHORIZATION_TTL, PendingAuthorization, key_check_due, parse_account_name,
 };
-use crate::rate_limit::{Admission, RateLimit, RateWindow, Scope};
-use crate::revocation::Revoker;
-use crate::secret::Secret;
-use crate::store::Store;
-use crate::verify::Verifier;
+use crate::domain::rate_limit::{Admission, RateLimit, RateWindow, Scope};
+use crate::domain::secret::Secret;
+use crate::use_cases::accounts::AccountView;
+use crate::use_cases::complete::Completer;
+use crate::use_cases::revocation::Revoker;
+use crate::use_cases::verify::Verifier;
 use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
 use serde::{Deserialize, Serialize};

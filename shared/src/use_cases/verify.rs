@@ -13,19 +13,19 @@
 //! needs re-authorisation is answered as it is: Klaviyo is not called again until the user
 //! reconnects. Klaviyo unavailable or rate limiting: 502 or 429, nothing changed.
 
-use crate::accounts::AccountView;
-use crate::auth::UserId;
-use crate::connect::{count_attempt, klaviyo_failure};
+use crate::adapters::auth::UserId;
+use crate::adapters::crypto::{CryptoError, Sealer};
+use crate::adapters::http::{ApiError, json, path_param, tail_segment, unavailable};
+use crate::adapters::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
+use crate::adapters::store::{ConnectionKey, Store, StoreError};
 use crate::context::Environment;
-use crate::crypto::{CryptoError, Sealer};
-use crate::disconnect::ROUTE_PREFIX;
-use crate::http::{ApiError, json, path_param, tail_segment, unavailable};
-use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoError};
-use crate::model::{AuthType, Connection, ConnectionStatus, Credentials, StatusReason};
-use crate::rate_limit::{RateLimit, Scope};
-use crate::refresh::{AccessTokens, LEASE, Outcome, Refresher};
-use crate::secret::Secret;
-use crate::store::{ConnectionKey, Store, StoreError};
+use crate::domain::model::{AuthType, Connection, ConnectionStatus, Credentials, StatusReason};
+use crate::domain::rate_limit::{RateLimit, Scope};
+use crate::domain::secret::Secret;
+use crate::use_cases::accounts::AccountView;
+use crate::use_cases::connect::{count_attempt, klaviyo_failure};
+use crate::use_cases::disconnect::ROUTE_PREFIX;
+use crate::use_cases::refresh::{AccessTokens, LEASE, Outcome, Refresher};
 use http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use serde::Serialize;
@@ -56,7 +56,7 @@ pub struct Verifier {
 
 /// What a test found, before it is written.
 enum Verdict {
-    Accepted(crate::klaviyo::KlaviyoAccount),
+    Accepted(crate::adapters::klaviyo::KlaviyoAccount),
     Refused(StatusReason, String),
 }
 
@@ -260,7 +260,7 @@ impl Verifier {
     async fn accepted(
         &self,
         leased: Connection,
-        account: &crate::klaviyo::KlaviyoAccount,
+        account: &crate::adapters::klaviyo::KlaviyoAccount,
         now: OffsetDateTime,
         owner: &str,
     ) -> Result<Connection, ApiError> {

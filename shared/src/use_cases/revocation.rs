@@ -5,11 +5,11 @@
 //! Whatever the inline attempt does not finish (Klaviyo down, the Lambda ending), the refresh
 //! job does. So a token is never just dropped.
 
-use crate::crypto::{CryptoError, Sealer};
-use crate::klaviyo::{Klaviyo, KlaviyoError, REVOKE_TIMEOUT};
-use crate::model::{AuthType, Connection, PendingRevocation};
-use crate::secret::Secret;
-use crate::store::{Claim, Store, StoreError};
+use crate::adapters::crypto::{CryptoError, Sealer};
+use crate::adapters::klaviyo::{Klaviyo, KlaviyoError, REVOKE_TIMEOUT};
+use crate::adapters::store::{Claim, Store, StoreError};
+use crate::domain::model::{AuthType, Connection, PendingRevocation};
+use crate::domain::secret::Secret;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;

@@ -21,12 +21,14 @@
 //! tokens with that same key, so they are opened without KMS too (a reconnect brings a new
 //! key, which takes one KMS call).
 
-use crate::auth::UserId;
+use crate::adapters::auth::UserId;
+use crate::adapters::crypto::{DataKey, SealedBlob};
+use crate::adapters::store::{ConnectionKey, Store, StoreError};
 use crate::context::{Environment, InitError};
-use crate::crypto::{DataKey, SealedBlob};
-use crate::model::{Connection, ConnectionStatus};
-use crate::refresh::{AccessTokenError, AccessTokens, IssuedCredential, KlaviyoCredential};
-use crate::store::{ConnectionKey, Store, StoreError};
+use crate::domain::model::{Connection, ConnectionStatus};
+use crate::use_cases::refresh::{
+    AccessTokenError, AccessTokens, IssuedCredential, KlaviyoCredential,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};

@@ -13,18 +13,14 @@
 //! record's id), so consumers de-duplicate by it. Nothing secret is in an event: they are
 //! built from the item's plain attributes; the sealed credentials are never read.
 
-use crate::model::{AuthType, Connection, ConnectionStatus, StatusReason};
-use crate::store::connection_from_image;
-use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+use crate::adapters::event_bus::{Entry, EventBus, MAX_ENTRIES};
+use crate::adapters::store::connection_from_image;
+use crate::domain::model::{AuthType, Connection, ConnectionStatus, StatusReason};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// The `source` of every event.
-pub const SOURCE: &str = "klaviyo-connect";
-/// PutEvents takes at most this many entries per call.
-const BATCH: usize = 10;
 /// Attempts for entries EventBridge did not take (throttling, internal errors).
 pub const PUT_ATTEMPTS: u32 = 3;
 pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -237,19 +233,15 @@ fn detail(
     }
 }
 
-/// Puts events on the bus.
+/// Publishes a batch's events on the bus.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    client: aws_sdk_eventbridge::Client,
-    bus: String,
+    bus: EventBus,
 }
 
 impl Publisher {
-    pub fn new(client: aws_sdk_eventbridge::Client, bus: impl Into<String>) -> Self {
-        Self {
-            client,
-            bus: bus.into(),
-        }
+    pub fn new(bus: EventBus) -> Self {
+        Self { bus }
     }
 
     /// Publishes every event of the batch, ten per call; entries EventBridge does not take are
@@ -257,7 +249,7 @@ impl Publisher {
     /// source mapping then delivers again.
     pub async fn publish(&self, batch: &StreamEvent) -> Result<usize, EventsError> {
         let events = events_of(batch)?;
-        for chunk in events.chunks(BATCH) {
+        for chunk in events.chunks(MAX_ENTRIES) {
             self.put(chunk).await?;
         }
         for event in &events {
@@ -279,37 +271,15 @@ impl Publisher {
         for attempt in 1..=PUT_ATTEMPTS {
             let entries = pending
                 .iter()
-                .map(|event| self.entry(event))
+                .map(|event| entry(event))
                 .collect::<Result<Vec<_>, _>>()?;
-            match self
-                .client
-                .put_events()
-                .set_entries(Some(entries))
-                .send()
-                .await
-            {
-                Ok(output) => {
-                    // Entries come back in order; the failed ones carry an error code.
-                    let results = output.entries();
-                    let failed: Vec<&LifecycleEvent> = pending
-                        .iter()
-                        .zip(results.iter().map(Some).chain(std::iter::repeat(None)))
-                        .filter(|(_, result)| result.is_none_or(|r| r.error_code().is_some()))
-                        .map(|(event, _)| *event)
-                        .collect();
-                    if failed.is_empty() {
-                        return Ok(());
-                    }
-                    reason = results
-                        .iter()
-                        .find_map(|r| r.error_code())
-                        .unwrap_or("no result")
-                        .to_owned();
-                    pending = failed;
+            match self.bus.put(&entries).await {
+                Ok(refused) if refused.positions.is_empty() => return Ok(()),
+                Ok(refused) => {
+                    reason = refused.reason;
+                    pending = refused.positions.iter().map(|&i| pending[i]).collect();
                 }
-                Err(e) => {
-                    reason = aws_sdk_eventbridge::error::DisplayErrorContext(&e).to_string();
-                }
+                Err(failure) => reason = failure,
             }
             if attempt < PUT_ATTEMPTS {
                 tokio::time::sleep(RETRY_PAUSE * attempt).await;
@@ -321,28 +291,28 @@ impl Publisher {
             reason,
         })
     }
+}
 
-    fn entry(&self, event: &LifecycleEvent) -> Result<PutEventsRequestEntry, EventsError> {
-        let detail = serde_json::to_string(&event.detail)
-            .map_err(|e| EventsError::Malformed(e.to_string()))?;
-        Ok(PutEventsRequestEntry::builder()
-            .event_bus_name(&self.bus)
-            .source(SOURCE)
-            .detail_type(event.transition.detail_type())
-            .detail(detail)
-            .build())
-    }
+fn entry(event: &LifecycleEvent) -> Result<Entry<'static>, EventsError> {
+    let detail =
+        serde_json::to_string(&event.detail).map_err(|e| EventsError::Malformed(e.to_string()))?;
+    Ok(Entry {
+        detail_type: event.transition.detail_type(),
+        detail,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::SealedBlob;
-    use crate::store::image_of;
+    use crate::adapters::crypto::SealedBlob;
+    use crate::adapters::store::image_of;
     use serde_json::json;
 
     fn connection() -> Connection {
-        crate::model::sample_connection(OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap())
+        crate::domain::model::sample_connection(
+            OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+        )
     }
 
     fn record(

@@ -20,17 +20,17 @@
 //! failure, not the connection's: the connection is left due and untouched, the run stops
 //! taking work (every other refresh would be refused too) and ends as a failed invocation.
 
-use crate::auth::UserId;
+use crate::adapters::auth::UserId;
+use crate::adapters::crypto::{CryptoError, DataKey, Sealer};
+use crate::adapters::klaviyo::{ApiCredential, Klaviyo, KlaviyoAccount, KlaviyoError, TokenSet};
+use crate::adapters::store::{ConnectionKey, DUE_BUCKETS, Store, StoreError};
 use crate::context::{Environment, InitError};
-use crate::crypto::{CryptoError, DataKey, Sealer};
-use crate::klaviyo::{ApiCredential, Klaviyo, KlaviyoAccount, KlaviyoError, TokenSet};
-use crate::model::{
+use crate::domain::model::{
     AuthType, Connection, ConnectionStatus, Credentials, KEY_CHECK_MIN_GAP, PendingRevocation,
     RefreshPolicy, StatusReason, USE_RECORDED_EVERY, key_check_due,
 };
-use crate::revocation::Revoker;
-use crate::secret::Secret;
-use crate::store::{ConnectionKey, DUE_BUCKETS, Store, StoreError};
+use crate::domain::secret::Secret;
+use crate::use_cases::revocation::Revoker;
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::VecDeque;

@@ -16,6 +16,8 @@
 //! Blob layout, both versions (integers big-endian):
 //! `version | u16 len | encrypted data key | 12-byte nonce | AES-GCM ciphertext and 16-byte tag`.
 
+mod credentials;
+
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use aws_sdk_kms::error::{DisplayErrorContext, SdkError};

@@ -12,8 +12,8 @@
 //! the secret is right) and, at most once per `SECRET_RELOAD_INTERVAL`, reads the secret again
 //! from its `ClientSecretSource`; if it changed, the call is made once more with the new one.
 
-use crate::config::KlaviyoConfig;
-use crate::secret::{SECRET_RELOAD_INTERVAL, Secret};
+use crate::adapters::config::KlaviyoConfig;
+use crate::domain::secret::{SECRET_RELOAD_INTERVAL, Secret};
 use http::header::{ACCEPT, AUTHORIZATION, HeaderMap, RETRY_AFTER};
 use oauth2::AsyncHttpClient;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
@@ -34,7 +34,7 @@ use time::OffsetDateTime;
 const RANDOM_BYTES: u32 = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest one call to Klaviyo may take (connect included); calls are not retried inside a
-/// request, except revocations (`crate::revocation`).
+/// request, except revocations (`crate::use_cases::revocation`).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A revocation is tiny; a short timeout leaves room to retry one inside a request.
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -679,7 +679,7 @@ fn parse_account(body: &[u8]) -> Result<KlaviyoAccount, KlaviyoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::adapters::config::Config;
     use std::collections::HashMap;
 
     fn klaviyo() -> Klaviyo {
@@ -714,7 +714,7 @@ mod tests {
             query["redirect_uri"],
             "https://api.example.com/klaviyo/oauthcallback"
         );
-        assert_eq!(query["scope"], crate::config::DEFAULT_SCOPES);
+        assert_eq!(query["scope"], crate::adapters::config::DEFAULT_SCOPES);
         assert_eq!(query["code_challenge_method"], "S256");
         assert_eq!(query["state"], request.state.expose());
         assert_eq!(request.state.expose().len(), 43);

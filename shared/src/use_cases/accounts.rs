@@ -3,11 +3,11 @@
 //! path comes here too (the `$default` route) and gets 404 `not_found` in the one error shape,
 //! with CORS headers, so a browser can read it.
 
-use crate::auth::JwtVerifier;
+use crate::adapters::auth::JwtVerifier;
+use crate::adapters::http::{ApiError, json, require_method, unavailable};
+use crate::adapters::store::Store;
 use crate::context::{Endpoint, Environment, InitError};
-use crate::http::{ApiError, json, require_method, unavailable};
-use crate::model::{AuthType, Connection, ConnectionStatus, StatusReason};
-use crate::store::Store;
+use crate::domain::model::{AuthType, Connection, ConnectionStatus, StatusReason};
 use http::{Method, StatusCode};
 use lambda_http::{Body, Request, Response};
 use serde::Serialize;
