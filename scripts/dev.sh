@@ -48,7 +48,7 @@ A JWT for user "local-user-1", valid 24 h (another: scripts/dev-token.sh USER_ID
 
   export TOKEN=$token
 
-Connect a Klaviyo account through the sandbox (README: "Connect flow walk-through"):
+Connect a Klaviyo account through the sandbox (the whole walk-through: docs/HOST-APP.md):
   AUTH_URL=\$(curl -s -H "Authorization: Bearer \$TOKEN" "$LOCAL_API_URL/api/oauth/connect/klaviyo?accountName=Main%20store" | python3 -c 'import json,sys; print(json.load(sys.stdin)["authUrl"])')
   CALLBACK=\$(curl -s -o /dev/null -w '%{redirect_url}' "\$AUTH_URL")   # the sandbox approves
   LANDING=\$(curl -s -o /dev/null -w '%{redirect_url}' "\$CALLBACK")   # $FRONTEND_URL/settings?connected=klaviyo&completion=…

@@ -2,8 +2,9 @@
 # `make test`: formatting, lints, and every test, against a local stack of its own (moto with
 # IAM enforced from template.yaml, the Klaviyo sandbox, the example settings page and `cargo
 # lambda watch` on free loopback ports), torn down even on failure: cargo tests, a bounded
-# schemathesis run, the settings-page journey in Chromium, and the IAM audit (every granted
-# action used, none refused). Exits non-zero if anything fails.
+# schemathesis run, the settings-page journey in Chromium, the commands the docs show
+# (scripts/doc_commands.py), and the IAM audit (every granted action used, none refused).
+# Exits non-zero if anything fails.
 #
 #   scripts/test.sh           everything (`make test`), with a short schemathesis run
 #   scripts/test.sh --fuzz    only the stack and a long schemathesis run (`make fuzz`;
@@ -105,6 +106,9 @@ scripts/host-examples.sh
 step "The deploy check (make check-deployed) against the local stack"
 .venv/bin/python scripts/check_deployed.py --api-url "$LOCAL_API_URL" --jwt-secret-arn "$JWT_SECRET_ARN" \
   --frontend-url "$FRONTEND_URL" --issuer "$JWT_ISSUER" --audience "$JWT_AUDIENCE"
+
+step "The commands the docs show, against this stack (scripts/doc_commands.py)"
+.venv/bin/python scripts/doc_commands.py
 
 step "IAM audit: each function used every action template.yaml grants it, and was refused none"
 .venv/bin/python scripts/iam_audit.py "$LOCAL_STACK_DIR/iam-audit.jsonl" --template template.yaml

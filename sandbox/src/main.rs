@@ -12,7 +12,7 @@
 //! - `GET  /api/accounts/`     `revision` header; `Bearer <access token>` or
 //!   `Klaviyo-API-Key <key>`; a JSON:API document like Klaviyo's
 //!
-//! Control API (for tests): see `control` below and README.md.
+//! Control API (for tests): see `control` below and docs/TESTING.md, "The Klaviyo sandbox".
 //!
 //! Configuration (the same variables the functions use): `KLAVIYO_CLIENT_ID`,
 //! `KLAVIYO_CLIENT_SECRET_ARN` (read from Secrets Manager, honouring `AWS_ENDPOINT_URL`),
