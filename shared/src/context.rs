@@ -13,12 +13,13 @@
 //! (the callback: its failure redirect) and tries again on the next request, so a blip during
 //! a cold start costs one request, not a crash loop.
 
-use crate::adapters::auth::{JwtKeySource, JwtKeys, JwtVerifier};
+use crate::adapters::auth::{JwtKeys, JwtVerifier};
 use crate::adapters::config::{Config, ConfigError};
 use crate::adapters::crypto::Sealer;
 use crate::adapters::event_bus::EventBus;
 use crate::adapters::http::{ApiError, FrontendRedirects, Web};
-use crate::adapters::klaviyo::{ClientSecretSource, Klaviyo};
+use crate::adapters::klaviyo::Klaviyo;
+use crate::adapters::reload::Source;
 use crate::adapters::store::Store;
 use crate::domain::secret::Secret;
 use crate::use_cases::events::Publisher;
@@ -279,7 +280,7 @@ struct SecretVersion {
 /// The JWT key in Secrets Manager, read again on demand.
 struct JwtKeySecret(Environment);
 
-impl JwtKeySource for JwtKeySecret {
+impl Source<JwtKeys> for JwtKeySecret {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<JwtKeys, String>> + Send + '_>> {
         Box::pin(async move { self.0.jwt_keys().await.map_err(|e| e.to_string()) })
     }
@@ -288,7 +289,7 @@ impl JwtKeySource for JwtKeySecret {
 /// The Klaviyo client secret in Secrets Manager, read again on demand.
 struct KlaviyoClientSecret(Environment);
 
-impl ClientSecretSource for KlaviyoClientSecret {
+impl Source<Secret> for KlaviyoClientSecret {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>> {
         Box::pin(async move {
             self.0

@@ -5,7 +5,7 @@
 //!   `accounts`, `disconnect`, `verify`, `refresh`, `token`, `events`, and `revocation`, which
 //!   several share). This is where a request or an event goes.
 //! - `adapters`: what the use cases talk to (`store`, `crypto`, `klaviyo`, `http`, `auth`,
-//!   `config`, `aws_http`, `event_bus`, `telemetry`).
+//!   `config`, `aws_http`, `event_bus`, `reload`, `telemetry`).
 //! - `domain`: the types both share (`model`, `secret`, `rate_limit`).
 //! - `context`: start-up, which builds the adapters once per container and hands them to the
 //!   use cases; `budget`: each function's worst-case time, from both layers' timeouts.

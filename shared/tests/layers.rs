@@ -4,7 +4,7 @@
 //!   start-up (`context`) or the time budgets (`budget`), which are built on top of them;
 //! - the domain does no I/O: no `async fn`, and no adapter that talks to the outside;
 //! - an adapter uses another adapter only through the types they share (a user id, a sealed
-//!   blob, an error, a setting), never its client.
+//!   blob, an error, a setting, a secret that can be read again), never its client.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,9 @@ const SHARED_TYPES: &[&str] = &[
     "crypto::SealContext",
     "crypto::SealedBlob",
     "http::ApiError",
+    "reload::Reloadable",
+    "reload::Reloading",
+    "reload::Source",
 ];
 
 fn src() -> PathBuf {

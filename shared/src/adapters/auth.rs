@@ -13,17 +13,15 @@
 //! warm containers as soon as it is put.
 
 use crate::adapters::http::ApiError;
-use crate::domain::secret::{SECRET_RELOAD_INTERVAL, Secret};
+use crate::adapters::reload::{Reloadable, Reloading, Source};
+use crate::domain::secret::Secret;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use lambda_http::Request;
 use serde::Deserialize;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use time::OffsetDateTime;
-use tokio::time::Instant;
 
 /// Clock skew tolerated between the host app and this service.
 pub const LEEWAY_SECS: u64 = 30;
@@ -101,11 +99,6 @@ impl JwtKeys {
     }
 }
 
-/// Where the keys are read again from when a token matches none of them.
-pub trait JwtKeySource: Send + Sync {
-    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<JwtKeys, String>> + Send + '_>>;
-}
-
 /// The held keys, ready to verify with: each as stored and, when they differ, without
 /// surrounding whitespace.
 struct KeyRing {
@@ -146,18 +139,19 @@ fn decoding_keys(secret: &Secret) -> Vec<DecodingKey> {
     keys
 }
 
-struct Reload {
-    source: Arc<dyn JwtKeySource>,
-    /// Held while reading, so concurrent refusals cause one read.
-    loaded_at: tokio::sync::Mutex<Instant>,
+impl Reloadable for KeyRing {
+    type Value = JwtKeys;
+
+    fn value(&self) -> &JwtKeys {
+        &self.keys
+    }
 }
 
 pub struct JwtVerifier {
-    ring: RwLock<Arc<KeyRing>>,
+    ring: Reloading<KeyRing>,
     validation: Validation,
     /// When set, tokens must carry `iat` and live at most this long (`exp - iat`).
     max_lifetime_secs: Option<u64>,
-    reload: Option<Reload>,
 }
 
 impl fmt::Debug for JwtVerifier {
@@ -234,20 +228,16 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&required);
         install_jwt_crypto();
         Self {
-            ring: RwLock::new(Arc::new(KeyRing::new(keys))),
+            ring: Reloading::new(KeyRing::new(keys)),
             validation,
             max_lifetime_secs: None,
-            reload: None,
         }
     }
 
     /// Reads the keys again from `source` when a token matches none of them, the ones it was
     /// built with counting as just read.
-    pub fn with_key_source(mut self, source: Arc<dyn JwtKeySource>) -> Self {
-        self.reload = Some(Reload {
-            source,
-            loaded_at: tokio::sync::Mutex::new(Instant::now()),
-        });
+    pub fn with_key_source(mut self, source: Arc<dyn Source<JwtKeys>>) -> Self {
+        self.ring = self.ring.with_source(source);
         self
     }
 
@@ -258,13 +248,9 @@ impl JwtVerifier {
         self
     }
 
-    fn ring(&self) -> Arc<KeyRing> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// Checks `token` against the keys held now (no Secrets Manager call).
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
-        self.verify_with(&self.ring(), token)
+        self.verify_with(&self.ring.current(), token)
     }
 
     fn verify_with(&self, ring: &KeyRing, token: &str) -> Result<UserId, AuthError> {
@@ -324,39 +310,25 @@ impl JwtVerifier {
     /// Checks `token`; if its signature matches none of the held keys, reads the keys again
     /// (when allowed) and checks it once more.
     pub async fn verify_fresh(&self, token: &str) -> Result<UserId, AuthError> {
-        let ring = self.ring();
+        let ring = self.ring.current();
         match self.verify_with(&ring, token) {
             Err(AuthError::Signature) if self.reloaded_since(&ring).await => {
-                self.verify_with(&self.ring(), token)
+                self.verify_with(&self.ring.current(), token)
             }
             outcome => outcome,
         }
     }
 
     /// Whether keys other than `used` are held now, reading them again if the last read is
-    /// older than `SECRET_RELOAD_INTERVAL`. Callers queue behind one read (bounded by the AWS
-    /// call timeout) and then find it fresh. A failed read counts as a read, so a failing
-    /// Secrets Manager, or a stream of forged tokens, costs one call per interval.
+    /// older than `SECRET_RELOAD_INTERVAL` (`crate::adapters::reload`): a stream of forged
+    /// tokens costs one Secrets Manager call per interval.
     async fn reloaded_since(&self, used: &Arc<KeyRing>) -> bool {
-        let Some(reload) = &self.reload else {
-            return false;
-        };
-        let mut loaded_at = reload.loaded_at.lock().await;
-        if !Arc::ptr_eq(&self.ring(), used) {
-            return true;
-        }
-        if loaded_at.elapsed() < SECRET_RELOAD_INTERVAL {
-            return false;
-        }
-        *loaded_at = Instant::now();
-        match reload.source.fetch().await {
-            Ok(keys) if keys != used.keys => {
-                *self.ring.write().unwrap_or_else(|p| p.into_inner()) =
-                    Arc::new(KeyRing::new(keys));
-                tracing::info!(event = "jwt_keys_reloaded", "new JWT keys are in use");
-                true
-            }
-            Ok(_) => false,
+        let reloaded = self.ring.reloaded_since(used, |keys| {
+            tracing::info!(event = "jwt_keys_reloaded", "new JWT keys are in use");
+            KeyRing::new(keys)
+        });
+        match reloaded.await {
+            Ok(reloaded) => reloaded,
             Err(error) => {
                 tracing::warn!(event = "jwt_keys_unreadable", error = %error, "could not read the JWT keys again");
                 false
@@ -525,8 +497,11 @@ fn classify(kind: &ErrorKind) -> AuthError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::secret::{Held, SECRET_RELOAD_INTERVAL};
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
+    use std::future::Future;
+    use std::pin::Pin;
 
     const KEY: &str = "unit-test-key-not-a-real-secret";
 
@@ -727,16 +702,9 @@ mod tests {
         assert_eq!(over.verify(&signed_with(KEY)), Err(AuthError::Signature));
     }
 
-    /// Secrets Manager as seen by one container: what it holds now, and how often it was read.
-    struct Keys {
-        held: std::sync::Mutex<JwtKeys>,
-        reads: std::sync::atomic::AtomicUsize,
-    }
-
-    impl JwtKeySource for Keys {
+    impl Source<JwtKeys> for Held<JwtKeys> {
         fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<JwtKeys, String>> + Send + '_>> {
-            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let keys = self.held.lock().unwrap().clone();
+            let keys = self.read();
             Box::pin(async move { Ok(keys) })
         }
     }
@@ -748,12 +716,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_token_with_an_unknown_key_makes_the_keys_be_read_again() {
         let new = "the-new-key-for-unit-tests-only";
-        let source = Arc::new(Keys {
-            held: std::sync::Mutex::new(JwtKeys::current_only(Secret::new(KEY))),
-            reads: Default::default(),
-        });
+        let source = Arc::new(Held::new(JwtKeys::current_only(Secret::new(KEY))));
         let reloading = verifier().with_key_source(source.clone());
-        let reads = || source.reads.load(std::sync::atomic::Ordering::SeqCst);
+        let reads = || source.reads();
 
         // Unchanged keys: a forged token is refused after one read, and the next within the
         // interval causes none.
@@ -765,11 +730,11 @@ mod tests {
         assert_eq!(reads(), 1);
 
         // The operator puts a new key.
-        *source.held.lock().unwrap() = rotated(
+        source.set(rotated(
             new,
             KEY,
             OffsetDateTime::now_utc() + time::Duration::hours(1),
-        );
+        ));
         assert_eq!(
             reloading.verify_fresh(&signed_with(new)).await,
             Err(AuthError::Signature),

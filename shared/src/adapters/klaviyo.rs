@@ -10,10 +10,11 @@
 //! after the first deploy, or rotates it). When Klaviyo answers `invalid_client` the client
 //! logs `klaviyo_client_rejected` at error level (an alarm pages on it: nothing can work until
 //! the secret is right) and, at most once per `SECRET_RELOAD_INTERVAL`, reads the secret again
-//! from its `ClientSecretSource`; if it changed, the call is made once more with the new one.
+//! from its source (`crate::adapters::reload`); if it changed, the call is made once more with the new one.
 
 use crate::adapters::config::KlaviyoConfig;
-use crate::domain::secret::{SECRET_RELOAD_INTERVAL, Secret};
+use crate::adapters::reload::{Reloadable, Reloading, Source};
+use crate::domain::secret::Secret;
 use http::header::{ACCEPT, AUTHORIZATION, HeaderMap, RETRY_AFTER};
 use oauth2::AsyncHttpClient;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
@@ -26,8 +27,8 @@ use serde::Deserialize;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 /// Bytes of randomness in `state` and in the PKCE verifier (43 base64url characters each).
@@ -128,12 +129,6 @@ pub enum ApiCredential<'a> {
     ApiKey(&'a Secret),
 }
 
-/// Where the client secret is kept (Secrets Manager), so that a rejected one can be read
-/// again without a restart.
-pub trait ClientSecretSource: Send + Sync {
-    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>>;
-}
-
 /// The client credentials as last read: the OAuth client carrying them, and the secret for
 /// the calls made without it (revocation).
 struct ClientCredentials {
@@ -141,11 +136,12 @@ struct ClientCredentials {
     secret: Secret,
 }
 
-/// Reading the secret again: from where, and when it was last read.
-struct Reload {
-    source: Arc<dyn ClientSecretSource>,
-    /// Held while reading, so concurrent rejections cause one read.
-    loaded_at: tokio::sync::Mutex<Instant>,
+impl Reloadable for ClientCredentials {
+    type Value = Secret;
+
+    fn value(&self) -> &Secret {
+        &self.secret
+    }
 }
 
 #[derive(Clone)]
@@ -154,8 +150,7 @@ pub struct Klaviyo {
     oauth_http: OAuthHttp,
     /// The OAuth client without a secret; `credentials` holds it with the current one.
     unauthenticated: OAuthClient,
-    credentials: Arc<RwLock<Arc<ClientCredentials>>>,
-    reload: Option<Arc<Reload>>,
+    credentials: Arc<Reloading<ClientCredentials>>,
     client_id: String,
     revoke_url: String,
     scopes: Vec<String>,
@@ -187,13 +182,12 @@ impl Klaviyo {
             .set_auth_uri(AuthUrl::from_url(config.authorize_url.clone()))
             .set_token_uri(TokenUrl::new(config.token_url()).map_err(url_error)?)
             .set_redirect_uri(RedirectUrl::from_url(config.redirect_uri.clone()));
-        let credentials = credentials(&unauthenticated, client_secret);
+        let credentials = credentials(&unauthenticated, client_secret.clone());
         Ok(Self {
             oauth_http: OAuthHttp(http.clone()),
             http,
             unauthenticated,
-            credentials: Arc::new(RwLock::new(credentials)),
-            reload: None,
+            credentials: Arc::new(Reloading::new(credentials)),
             client_id: config.client_id.clone(),
             revoke_url: config.revoke_url(),
             scopes: config.scopes.clone(),
@@ -204,61 +198,30 @@ impl Klaviyo {
 
     /// Reads the client secret again from `source` after `invalid_client` (and when
     /// `reload_client_secret` asks), the one it was built with counting as just read.
-    pub fn with_secret_source(mut self, source: Arc<dyn ClientSecretSource>) -> Self {
-        self.reload = Some(Arc::new(Reload {
-            source,
-            loaded_at: tokio::sync::Mutex::new(Instant::now()),
-        }));
+    pub fn with_secret_source(mut self, source: Arc<dyn Source<Secret>>) -> Self {
+        self.credentials = Arc::new(self.credentials.with_source(source));
         self
     }
 
     /// Reads the client secret again unless it was read within `fresh` (the refresh job does
     /// this at the start of every run). `Ok(true)` when it changed.
     pub async fn reload_client_secret(&self, fresh: Duration) -> Result<bool, String> {
-        let Some(reload) = &self.reload else {
-            return Ok(false);
-        };
-        let mut loaded_at = reload.loaded_at.lock().await;
-        self.read_again(reload, &mut loaded_at, fresh).await
-    }
-
-    /// Reads the secret unless it was read within `fresh`, and installs it if it is new. The
-    /// caller holds `loaded_at`'s lock, so concurrent callers wait for one read.
-    async fn read_again(
-        &self,
-        reload: &Reload,
-        loaded_at: &mut Instant,
-        fresh: Duration,
-    ) -> Result<bool, String> {
-        if loaded_at.elapsed() < fresh {
-            return Ok(false);
-        }
-        // Counted as a read whatever its outcome, so a failing Secrets Manager is not asked
-        // again by every caller.
-        *loaded_at = Instant::now();
-        let secret = reload.source.fetch().await?;
-        Ok(self.replace_secret(&secret))
+        self.credentials
+            .reload(fresh, |secret| self.holding(secret))
+            .await
     }
 
     fn current(&self) -> Arc<ClientCredentials> {
-        self.credentials
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.credentials.current()
     }
 
-    /// Installs `secret` unless it is the one in use; `true` if it was new.
-    fn replace_secret(&self, secret: &Secret) -> bool {
-        let mut current = self.credentials.write().unwrap_or_else(|p| p.into_inner());
-        if current.secret == *secret {
-            return false;
-        }
-        *current = credentials(&self.unauthenticated, secret);
+    /// The credentials for a new secret.
+    fn holding(&self, secret: Secret) -> ClientCredentials {
         tracing::info!(
             event = "klaviyo_client_secret_reloaded",
             "a new Klaviyo client secret is in use"
         );
-        true
+        credentials(&self.unauthenticated, secret)
     }
 
     /// Runs a call that authenticates as the client. On `invalid_client` the secret is read
@@ -287,15 +250,9 @@ impl Klaviyo {
     /// Whether a secret other than `used` is in use now, reading it again if allowed. Callers
     /// queue behind one read (bounded by the AWS call timeout) and then find it fresh.
     async fn reloaded_since(&self, used: &Arc<ClientCredentials>) -> bool {
-        let Some(reload) = &self.reload else {
-            return false;
-        };
-        let mut loaded_at = reload.loaded_at.lock().await;
-        if !Arc::ptr_eq(&self.current(), used) {
-            return true;
-        }
         match self
-            .read_again(reload, &mut loaded_at, SECRET_RELOAD_INTERVAL)
+            .credentials
+            .reloaded_since(used, |secret| self.holding(secret))
             .await
         {
             Ok(replaced) => replaced,
@@ -462,13 +419,13 @@ fn form_encoded(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
-fn credentials(unauthenticated: &OAuthClient, secret: &Secret) -> Arc<ClientCredentials> {
-    Arc::new(ClientCredentials {
+fn credentials(unauthenticated: &OAuthClient, secret: Secret) -> ClientCredentials {
+    ClientCredentials {
         oauth: unauthenticated
             .clone()
             .set_client_secret(ClientSecret::new(secret.expose().to_owned())),
-        secret: secret.clone(),
-    })
+        secret,
+    }
 }
 
 /// Logged at error level: the KlaviyoClientRejected alarm counts these.
@@ -680,6 +637,7 @@ fn parse_account(body: &[u8]) -> Result<KlaviyoAccount, KlaviyoError> {
 mod tests {
     use super::*;
     use crate::adapters::config::Config;
+    use crate::domain::secret::Held;
     use std::collections::HashMap;
 
     fn klaviyo() -> Klaviyo {
@@ -785,28 +743,18 @@ mod tests {
         assert_eq!(retry_after(&headers), None);
     }
 
-    /// A secret source that hands out `value` and counts reads.
-    struct Source {
-        value: std::sync::Mutex<String>,
-        reads: std::sync::atomic::AtomicUsize,
-    }
-
-    impl ClientSecretSource for Source {
+    impl Source<Secret> for Held<String> {
         fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>> {
-            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let value = self.value.lock().unwrap().clone();
+            let value = self.read();
             Box::pin(async move { Ok(Secret::new(value)) })
         }
     }
 
     #[tokio::test]
     async fn a_new_client_secret_replaces_the_held_one() {
-        let source = Arc::new(Source {
-            value: std::sync::Mutex::new("unit-test-client-secret".into()),
-            reads: Default::default(),
-        });
+        let source = Arc::new(Held::new("unit-test-client-secret".to_owned()));
         let k = klaviyo().with_secret_source(source.clone());
-        let reads = || source.reads.load(std::sync::atomic::Ordering::SeqCst);
+        let reads = || source.reads();
         // Read just now (at construction): a run start does not read it again.
         assert_eq!(
             k.reload_client_secret(Duration::from_secs(10)).await,
@@ -816,7 +764,7 @@ mod tests {
         // Unchanged: nothing is replaced.
         assert_eq!(k.reload_client_secret(Duration::ZERO).await, Ok(false));
         assert_eq!(reads(), 1);
-        *source.value.lock().unwrap() = "rotated-client-secret".into();
+        source.set("rotated-client-secret".into());
         assert_eq!(k.reload_client_secret(Duration::ZERO).await, Ok(true));
         assert_eq!(k.current().secret.expose(), "rotated-client-secret");
         // Clones share the credentials.
@@ -826,7 +774,7 @@ mod tests {
         let used = k.current();
         assert!(!k.reloaded_since(&used).await);
         assert_eq!(reads(), 2);
-        *source.value.lock().unwrap() = "third-client-secret".into();
+        source.set("third-client-secret".into());
         k.reload_client_secret(Duration::ZERO).await.unwrap();
         assert!(k.reloaded_since(&used).await, "a newer secret is in use");
         assert_eq!(reads(), 3);
@@ -835,7 +783,7 @@ mod tests {
     /// A source whose reads fail.
     struct Failing(std::sync::atomic::AtomicUsize);
 
-    impl ClientSecretSource for Failing {
+    impl Source<Secret> for Failing {
         fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Secret, String>> + Send + '_>> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(async { Err("Secrets Manager unavailable".to_owned()) })

@@ -57,6 +57,38 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// For unit tests of what reads a secret again: a value a test changes, as a container sees it
+/// in Secrets Manager, and how many times it was read.
+#[cfg(test)]
+pub(crate) struct Held<T> {
+    value: std::sync::Mutex<T>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl<T: Clone> Held<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self {
+            value: std::sync::Mutex::new(value),
+            reads: Default::default(),
+        }
+    }
+
+    pub(crate) fn set(&self, value: T) {
+        *self.value.lock().unwrap() = value;
+    }
+
+    /// The value, counted as a read.
+    pub(crate) fn read(&self) -> T {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.value.lock().unwrap().clone()
+    }
+
+    pub(crate) fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
