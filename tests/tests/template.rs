@@ -875,3 +875,56 @@ fn every_function_has_an_errors_alarm() {
         assert!(alarmed, "{id} has no alarm on its Errors metric");
     }
 }
+
+/// The deploy guide and the runbook cannot fall behind the template: every parameter is in
+/// docs/DEPLOY.md's table, every output and every function setting is named there, and every
+/// alarm and dead-letter queue has its entry in docs/OPERATIONS.md.
+#[test]
+fn the_docs_name_every_parameter_output_setting_alarm_and_queue() {
+    let doc = |name: &str| {
+        std::fs::read_to_string(format!("{}/../docs/{name}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("docs/{name}: {e}"))
+    };
+    let (deploy, operations) = (doc("DEPLOY.md"), doc("OPERATIONS.md"));
+    let mut missing = Vec::new();
+    let names = |section: &str| -> Vec<String> {
+        TEMPLATE[section]
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{section}"))
+            .keys()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for parameter in names("Parameters") {
+        if !deploy.contains(&format!("| `{parameter}` |")) {
+            missing.push(format!("DEPLOY.md: the parameter {parameter}"));
+        }
+    }
+    for output in names("Outputs") {
+        if !deploy.contains(&format!("`{output}`")) {
+            missing.push(format!("DEPLOY.md: the output {output}"));
+        }
+    }
+    let settings = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_owned());
+    for setting in settings {
+        if !deploy.contains(&format!("`{setting}`")) {
+            missing.push(format!("DEPLOY.md: the setting {setting}"));
+        }
+    }
+    for (id, resource) in resources() {
+        let id = id.as_str().unwrap();
+        let entry = match resource["Type"].as_str() {
+            Some("AWS::CloudWatch::Alarm") => format!("`{id}`"),
+            Some("AWS::SQS::Queue") => format!("### {id}"),
+            _ => continue,
+        };
+        if !operations.contains(&entry) {
+            missing.push(format!("OPERATIONS.md: {entry}"));
+        }
+    }
+    assert!(missing.is_empty(), "{missing:#?}");
+}
