@@ -3,7 +3,8 @@
 
 A fenced ```sh block whose preceding line is exactly `<!-- runs in make test -->` is run. The
 blocks of one file run in order in one bash shell (`set -euo pipefail`), from the repository
-root, with the environment of the stack `make test` brought up and `.venv/bin` first on PATH
+root, with the environment of the stack `make test` brought up (it refuses to run unless AWS, the API
+and the sandbox are on loopback) and `.venv/bin` first on PATH
 (so `python` has boto3 and `aws` is the AWS CLI). A comment line `# → <text>` states output
 that must appear in that block's standard output, in order; `…` matches anything on a line.
 
@@ -18,8 +19,10 @@ import argparse
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import urllib.parse
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MARKER = "<!-- runs in make test -->"
@@ -69,20 +72,40 @@ def audience_problems(paths):
     return problems
 
 
+def local_only():
+    """The blocks put secrets and call the API: refuse to run them against anything but a local
+    stack, whatever else the shell holds (real AWS credentials, a deployed secret's ARN)."""
+    problems = []
+    for name in ("AWS_ENDPOINT_URL", "LOCAL_API_URL", "KLAVIYO_SANDBOX_URL"):
+        host = urllib.parse.urlsplit(os.environ.get(name, "")).hostname
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            problems.append(f"{name} must point at a local stack (loopback), not {host or 'nothing'}")
+    return problems
+
+
 def run(path, found):
     script = ["set -euo pipefail"]
     for n, (line, code) in enumerate(found):
         script += [f"echo '{BEGIN.format(n)}'", code, f"echo '{END.format(n)}'"]
     env = dict(os.environ)
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    done = subprocess.run(
+    # Its own process group, so a block's background processes go with it on a timeout.
+    process = subprocess.Popen(
         ["bash", "-c", "\n".join(script)],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += "\n(timed out after 900 s)"
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     failures = []
     for n, (line, code) in enumerate(found):
         where = f"{shown(path)}:{line}"
@@ -115,6 +138,12 @@ def main():
     args = parser.parse_args()
     paths = [p.resolve() for p in args.files] or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     problems = audience_problems(paths)
+    if not args.list:
+        refused = local_only()
+        if refused:
+            for problem in refused:
+                print(f"FAIL {problem}", file=sys.stderr)
+            return 1
     total = checked = 0
     for path in paths:
         found = blocks(path)

@@ -13,7 +13,7 @@ use shared::Environment;
 /// A setting of the running local stack; panics with directions when tests are run bare.
 pub fn setting(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: these tests need the local stack; run them with `make test`")
+        panic!("{name} is not set: these tests need the local stack; run them with `make test`, or with `make dev` running after `eval \"$(scripts/local-stack.sh env)\"` (docs/TESTING.md)")
     })
 }
 

@@ -27,6 +27,9 @@ use time::OffsetDateTime;
 pub const LEEWAY_SECS: u64 = 30;
 /// Longest `sub` accepted; user ids become part of storage keys.
 pub const MAX_USER_ID_LEN: usize = 256;
+/// Held JWT keys are read again at the first request after they are this old, so a key taken
+/// out of the secret (docs/OPERATIONS.md, "A leaked key") is refused everywhere within it.
+pub const KEYS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 /// Longest token accepted (the host app's are a few hundred bytes): bigger ones are refused
 /// before any decoding work.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -267,6 +270,7 @@ impl JwtVerifier {
             // Operators watch this fall to zero before the grace period ends (docs/OPERATIONS.md).
             tracing::info!(
                 event = "jwt_previous_key_used",
+                user_id = %user,
                 "a token signed with the previous JWT key was accepted"
             );
         }
@@ -307,9 +311,10 @@ impl JwtVerifier {
         }
     }
 
-    /// Checks `token`; if its signature matches none of the held keys, reads the keys again
-    /// (when allowed) and checks it once more.
+    /// Checks `token` against keys read within `KEYS_MAX_AGE`; if its signature matches none
+    /// of them, reads the keys again (when allowed) and checks it once more.
     pub async fn verify_fresh(&self, token: &str) -> Result<UserId, AuthError> {
+        self.refresh_if_old().await;
         let ring = self.ring.current();
         match self.verify_with(&ring, token) {
             Err(AuthError::Signature) if self.reloaded_since(&ring).await => {
@@ -319,15 +324,21 @@ impl JwtVerifier {
         }
     }
 
+    /// Reads the keys again if the last read is older than `KEYS_MAX_AGE`, so a key taken out
+    /// of the secret stops working within that time even in a container that never sees a
+    /// token it cannot verify. If the read fails the held keys stay (a Secrets Manager outage
+    /// does not log everyone out) and the next read is an interval away.
+    async fn refresh_if_old(&self) {
+        if let Err(error) = self.ring.reload(KEYS_MAX_AGE, build_ring).await {
+            tracing::warn!(event = "jwt_keys_unreadable", error = %error, "could not read the JWT keys again");
+        }
+    }
+
     /// Whether keys other than `used` are held now, reading them again if the last read is
     /// older than `SECRET_RELOAD_INTERVAL` (`crate::adapters::reload`): a stream of forged
-    /// tokens costs one Secrets Manager call per interval.
+    /// tokens costs one read of the secret (its two versions) per interval.
     async fn reloaded_since(&self, used: &Arc<KeyRing>) -> bool {
-        let reloaded = self.ring.reloaded_since(used, |keys| {
-            tracing::info!(event = "jwt_keys_reloaded", "new JWT keys are in use");
-            KeyRing::new(keys)
-        });
-        match reloaded.await {
+        match self.ring.reloaded_since(used, build_ring).await {
             Ok(reloaded) => reloaded,
             Err(error) => {
                 tracing::warn!(event = "jwt_keys_unreadable", error = %error, "could not read the JWT keys again");
@@ -365,6 +376,12 @@ pub fn bearer_token(req: &Request) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The ring for newly read keys.
+fn build_ring(keys: JwtKeys) -> KeyRing {
+    tracing::info!(event = "jwt_keys_reloaded", "new JWT keys are in use");
+    KeyRing::new(keys)
 }
 
 /// Issued (not in the future, beyond the leeway), expiring after it was issued, and living at
@@ -502,6 +519,7 @@ mod tests {
     use serde_json::json;
     use std::future::Future;
     use std::pin::Pin;
+    use std::time::Duration;
 
     const KEY: &str = "unit-test-key-not-a-real-secret";
 
@@ -753,6 +771,36 @@ mod tests {
             without_source.verify_fresh(&signed_with(new)).await,
             Err(AuthError::Signature)
         );
+    }
+
+    /// A key taken out of the secret (a leak: the leaked version's AWSPREVIOUS label removed)
+    /// stops working within `KEYS_MAX_AGE` in a container that holds it as its current key,
+    /// even if it never sees a token it cannot verify.
+    #[tokio::test(start_paused = true)]
+    async fn held_keys_are_read_again_once_they_are_old() {
+        let source = Arc::new(Held::new(JwtKeys::current_only(Secret::new(KEY))));
+        let held = verifier().with_key_source(source.clone());
+        assert!(held.verify_fresh(&signed_with(KEY)).await.is_ok());
+        assert_eq!(source.reads(), 0, "read at start-up, not again");
+
+        source.set(JwtKeys::current_only(Secret::new(
+            "the-key-put-after-a-leak-for-tests",
+        )));
+        tokio::time::advance(KEYS_MAX_AGE - Duration::from_secs(1)).await;
+        assert!(held.verify_fresh(&signed_with(KEY)).await.is_ok());
+        assert_eq!(source.reads(), 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            held.verify_fresh(&signed_with(KEY)).await,
+            Err(AuthError::Signature)
+        );
+        assert_eq!(source.reads(), 1, "one read, then refused without another");
+        assert!(
+            held.verify_fresh(&signed_with("the-key-put-after-a-leak-for-tests"))
+                .await
+                .is_ok()
+        );
+        assert_eq!(source.reads(), 1);
     }
 
     #[test]
