@@ -8,8 +8,9 @@
 //! `AWS_CALL_TIMEOUT` (retries included), a Klaviyo call at `REQUEST_TIMEOUT`, an inline
 //! revocation at `INLINE_BUDGET`; concurrent steps count as their slowest one. Secrets are
 //! counted once: an HTTP function that could not read them at start-up reads them on its
-//! first request, and a token matching none of the JWT keys makes a warm container read them
-//! again (`crate::adapters::auth`), never both in one request, since a read counts for a minute. A call Klaviyo refuses with `invalid_client` may read the client secret
+//! first request, and a warm container reads the JWT keys again when they are five minutes old
+//! or a token matches none of them (`crate::adapters::auth`); one request makes at most one of
+//! these reads, since a read counts for at least a minute. A call Klaviyo refuses with `invalid_client` may read the client secret
 //! again and be made once more (`crate::adapters::klaviyo`); inline revocations stay inside their
 //! budget either way.
 

@@ -10,7 +10,8 @@
 //! (AWSPREVIOUS), so tokens minted before the host app switched keys keep working. A token
 //! whose signature matches none of the held keys makes the container read the secret again
 //! (at most once per `SECRET_RELOAD_INTERVAL`) before it is refused, so a new key works in
-//! warm containers as soon as it is put.
+//! warm containers as soon as it is put; and keys older than `KEYS_MAX_AGE` are read again
+//! before a token is checked, so a key taken out of the secret stops working within that time.
 
 use crate::adapters::http::ApiError;
 use crate::adapters::reload::{Reloadable, Reloading, Source};
