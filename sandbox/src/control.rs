@@ -13,6 +13,8 @@
 //! - `POST   /sandbox/accounts/{id}/expire-access-tokens`
 //! - `POST   /sandbox/accounts/{id}/tokens`    `{"count": N}`: mint N token pairs (seeding
 //!   benchmarks without N browser flows)
+//! - `POST   /sandbox/client-secret`          `{"secret"}`: the app's client secret is
+//!   regenerated in Klaviyo; the old one stops working at once (tokens already issued stay)
 
 use crate::state::{Account, Endpoint, Fault, Sandbox};
 use axum::extract::{Path, Query, State};
@@ -44,6 +46,17 @@ pub fn routes() -> Router<Arc<Sandbox>> {
             post(expire_access_tokens),
         )
         .route("/sandbox/accounts/{id}/tokens", post(mint_tokens))
+        .route("/sandbox/client-secret", post(regenerate_client_secret))
+}
+
+#[derive(Deserialize)]
+struct ClientSecret {
+    secret: String,
+}
+
+async fn regenerate_client_secret(State(sandbox): App, Json(new): Json<ClientSecret>) -> Response {
+    sandbox.regenerate_client_secret(new.secret);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 #[derive(Deserialize)]

@@ -340,7 +340,7 @@ fn client_authenticated(sandbox: &Sandbox, headers: &HeaderMap) -> bool {
             .map(|(_, v)| v.into_owned())
     };
     decode(id).as_deref() == Some(sandbox.client_id.as_str())
-        && decode(secret).as_deref() == Some(sandbox.client_secret.as_str())
+        && decode(secret).is_some_and(|secret| sandbox.client_secret_is(&secret))
 }
 
 fn parse_form(headers: &HeaderMap, body: &Bytes) -> Option<BTreeMap<String, String>> {

@@ -234,7 +234,9 @@ impl State {
 
 pub struct Sandbox {
     pub client_id: String,
-    pub client_secret: String,
+    /// Read from Secrets Manager at start; `POST /sandbox/client-secret` replaces it, as
+    /// regenerating it in Klaviyo would.
+    client_secret: Mutex<String>,
     pub redirect_uri: String,
     state: Mutex<State>,
 }
@@ -265,10 +267,19 @@ impl Sandbox {
         state.ensure_account(DEFAULT_ACCOUNT, Some("Sandbox Store"));
         Ok(Self {
             client_id,
-            client_secret,
+            client_secret: Mutex::new(client_secret),
             redirect_uri,
             state: Mutex::new(state),
         })
+    }
+
+    pub fn client_secret_is(&self, secret: &str) -> bool {
+        *self.client_secret.lock().unwrap_or_else(|p| p.into_inner()) == secret
+    }
+
+    /// The app's client secret is regenerated: the old one stops working at once.
+    pub fn regenerate_client_secret(&self, secret: String) {
+        *self.client_secret.lock().unwrap_or_else(|p| p.into_inner()) = secret;
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
