@@ -4,15 +4,15 @@
 //! writes; one that fits always finishes what it started (API Gateway may answer the browser
 //! 503 after 30 s, but the function still completes its writes).
 //!
-//! The model is a sum of sequential steps, each at its bound: an AWS call at
-//! `AWS_CALL_TIMEOUT` (retries included), a Klaviyo call at `REQUEST_TIMEOUT`, an inline
-//! revocation at `INLINE_BUDGET`; concurrent steps count as their slowest one. Secrets are
-//! counted once: an HTTP function that could not read them at start-up reads them on its
-//! first request, and a warm container reads the JWT keys again when they are five minutes old
-//! or a token matches none of them (`crate::adapters::auth`); one request makes at most one of
-//! these reads, since a read counts for at least a minute. A call Klaviyo refuses with `invalid_client` may read the client secret
-//! again and be made once more (`crate::adapters::klaviyo`); inline revocations stay inside their
-//! budget either way.
+//! The model is a sum of sequential steps, each at its bound: an AWS call at `AWS_CALL_TIMEOUT`
+//! (retries included), a Klaviyo call at `REQUEST_TIMEOUT`, an inline revocation at
+//! `INLINE_BUDGET`; concurrent steps count as their slowest one. Secrets are counted once: an HTTP
+//! function that could not read them at start-up reads them on its first request, and a warm
+//! container reads the JWT keys again when they are five minutes old or a token matches none of
+//! them (`crate::adapters::auth`); one request makes at most one of these reads, since a read
+//! counts for at least a minute. A call Klaviyo refuses with `invalid_client` may read the client
+//! secret again and be made once more (`crate::adapters::klaviyo`); inline revocations stay inside
+//! their budget either way.
 
 use crate::adapters::klaviyo::{REQUEST_TIMEOUT, REVOKE_TIMEOUT};
 use crate::context::AWS_CALL_TIMEOUT;

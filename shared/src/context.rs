@@ -1,12 +1,13 @@
-//! Start-up: what every function builds once per container. Configuration is read and
-//! validated, AWS is configured once (timeouts, retries, `AWS_ENDPOINT_URL`), and the
-//! secrets a function needs are fetched from Secrets Manager once and kept. The Klaviyo client
-//! secret is read again when Klaviyo rejects it (`crate::adapters::klaviyo`) and by the refresh job at
-//! the start of every run, so putting a new value takes effect without a redeploy. A client
-//! secret put with a trailing newline (`file://secret.txt`) is trimmed; the JWT key is
-//! accepted both ways (`crate::adapters::auth`), since the host app may sign with either. The JWT key is
-//! read with its previous version, accepted for `JWT_PREVIOUS_KEY_GRACE_SECONDS` after the
-//! current one was created, and read again when a token matches neither (`crate::adapters::auth`).
+//! Start-up: what every function builds once per container. Configuration is read and validated,
+//! AWS is configured once (timeouts, retries, `AWS_ENDPOINT_URL`), and the secrets a function needs
+//! are fetched from Secrets Manager once and kept. The Klaviyo client secret is read again when
+//! Klaviyo rejects it (`crate::adapters::klaviyo`) and by the refresh job at the start of every
+//! run, so putting a new value takes effect without a redeploy. A client secret put with a trailing
+//! newline (`file://secret.txt`) is trimmed; the JWT key is accepted both ways
+//! (`crate::adapters::auth`), since the host app may sign with either. The JWT key is read with its
+//! previous version, accepted for `JWT_PREVIOUS_KEY_GRACE_SECONDS` after the current one was
+//! created, and read again when a token matches neither and every five minutes
+//! (`crate::adapters::auth`).
 //!
 //! A bad setting stops start-up (nothing can fix it but a deploy). Secrets Manager being
 //! down does not: an HTTP function that could not fetch its secrets at start-up answers 503
@@ -123,7 +124,7 @@ impl Environment {
     async fn jwt_keys(&self) -> Result<JwtKeys, InitError> {
         let (setting, arn) = ("JWT_SECRET_ARN", &self.config.jwt.secret_arn);
         let grace_secs = self.config.jwt.previous_key_grace_secs;
-        let (current, previous) = tokio::join!(self.secret_version(setting, arn, None), async {
+        let previous = async {
             match grace_secs {
                 0 => Ok(None),
                 _ => {
@@ -131,7 +132,8 @@ impl Environment {
                         .await
                 }
             }
-        },);
+        };
+        let (current, previous) = tokio::join!(self.secret_version(setting, arn, None), previous);
         let current = current?.ok_or(InitError::Secret {
             setting,
             reason: "the secret has no current version".into(),

@@ -67,10 +67,10 @@ pub struct Config {
     pub event_bus_name: Option<String>,
 }
 
-/// `CONNECT_COMPLETION`: `Required` parks the callback's result until the user who started
-/// the flow completes it from their own session (`crate::use_cases::complete`); `Off` connects at the
-/// callback, so whoever's browser follows an authorize URL connects their Klaviyo account to
-/// the user who started it (SECURITY.md).
+/// `CONNECT_COMPLETION`: `Required` parks the callback's result until the user who started the flow
+/// completes it from their own session (`crate::use_cases::complete`); `Off` connects at the
+/// callback, so whoever's browser follows an authorize URL connects their Klaviyo account to the
+/// user who started it (SECURITY.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectCompletion {
     Required,

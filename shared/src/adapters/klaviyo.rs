@@ -6,11 +6,11 @@
 //! Basic client authentication and form bodies, as Klaviyo requires. 429 and 5xx answers are
 //! surfaced as `KlaviyoError::RateLimited` / `Unavailable` with Klaviyo's `Retry-After`.
 //!
-//! The client secret can change while a container lives (the operator puts the real one
-//! after the first deploy, or rotates it). When Klaviyo answers `invalid_client` the client
-//! logs `klaviyo_client_rejected` at error level (an alarm pages on it: nothing can work until
-//! the secret is right) and, at most once per `SECRET_RELOAD_INTERVAL`, reads the secret again
-//! from its source (`crate::adapters::reload`); if it changed, the call is made once more with the new one.
+//! The client secret can change while a container lives (the operator puts the real one after the
+//! first deploy, or rotates it). When Klaviyo answers `invalid_client` the client logs
+//! `klaviyo_client_rejected` at error level (an alarm pages on it: nothing can work until the
+//! secret is right) and, at most once per `SECRET_RELOAD_INTERVAL`, reads the secret again from its
+//! source (`crate::adapters::reload`); if it changed, the call is made once more with the new one.
 
 use crate::adapters::config::KlaviyoConfig;
 use crate::adapters::reload::{Reloadable, Reloading, Source};

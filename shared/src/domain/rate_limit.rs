@@ -1,9 +1,9 @@
-//! Per-user rate limiting on the connect routes (OAuth start and API key together;
-//! completions and "Test connection" on counters of their own): a fixed-window counter per user and scope, kept in
-//! DynamoDB so every container sees the same count,
-//! with the table's TTL removing old windows. API Gateway throttling protects the service
-//! as a whole; this stops one user (or one stolen token) from filling the table with pending
-//! authorizations or spending Klaviyo's per-account rate limit on key checks.
+//! Per-user rate limiting on the connect routes (OAuth start and API key together; completions and
+//! "Test connection" on counters of their own): a fixed-window counter per user and scope, kept in
+//! DynamoDB so every container sees the same count, with the table's TTL removing old windows. API
+//! Gateway throttling protects the service as a whole; this stops one user (or one stolen token)
+//! from filling the table with pending authorizations or spending Klaviyo's per-account rate limit
+//! on key checks.
 
 use time::OffsetDateTime;
 

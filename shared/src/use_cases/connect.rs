@@ -1,8 +1,7 @@
-//! `GET /api/oauth/connect/klaviyo` (start OAuth),
-//! `POST /api/oauth/connect/klaviyo/complete` (finish it from the user's session,
-//! `crate::use_cases::complete`), `POST /api/oauth/connect/klaviyo/decline` (withdraw it when the page
-//! cannot) and `POST /api/oauth/connect/klaviyo/api-key` (connect with a private
-//! API key).
+//! `GET /api/oauth/connect/klaviyo` (start OAuth), `POST /api/oauth/connect/klaviyo/complete`
+//! (finish it from the user's session, `crate::use_cases::complete`), `POST
+//! /api/oauth/connect/klaviyo/decline` (withdraw it when the page cannot) and `POST
+//! /api/oauth/connect/klaviyo/api-key` (connect with a private API key).
 
 use crate::adapters::auth::{JwtVerifier, UserId};
 use crate::adapters::crypto::{Purpose, Sealer};

@@ -1,19 +1,18 @@
 //! Keeping OAuth tokens fresh: the scheduled job (EventBridge, every few minutes) and
 //! just-in-time access tokens for the host app's own services (`AccessTokens`).
 //!
-//! The job finds the connections due (by `REFRESH_POLICY`: an access token that expires
-//! within 15 minutes, or an idle connection's daily keep-alive; `RefreshPolicy`) with one
-//! Query per `due-index` bucket (never a Scan), streams them through a bounded number of workers, and
-//! stops taking new work well before the Lambda deadline. Each connection is refreshed under
-//! a lease (a conditional write with an expiry), so overlapping runs, retries and
-//! just-in-time refreshes never refresh one connection twice. After taking the lease the
-//! connection is re-read (the lease write returns it) and skipped if someone already
-//! refreshed it. Rotated tokens replace the old ones in one write conditional on `version`.
-//! `invalid_grant` re-reads the stored token before marking the connection `needs_reauth`;
-//! 429/5xx/timeouts keep the tokens and retry on a later run with backoff. The data key for
-//! the new tokens is the one that opened the old ones (one KMS call, before Klaviyo is
-//! called), so nothing after the rotation depends on KMS. Each run also finishes pending
-//! revocations and logs one summary line.
+//! The job finds the connections due (by `REFRESH_POLICY`: an access token that expires within 15
+//! minutes, or an idle connection's daily keep-alive; `RefreshPolicy`) with one Query per
+//! `due-index` bucket (never a Scan), streams them through a bounded number of workers, and stops
+//! taking new work well before the Lambda deadline. Each connection is refreshed under a lease (a
+//! conditional write with an expiry), so overlapping runs, retries and just-in-time refreshes never
+//! refresh one connection twice. After taking the lease the connection is re-read (the lease write
+//! returns it) and skipped if someone already refreshed it. Rotated tokens replace the old ones in
+//! one write conditional on `version`. `invalid_grant` re-reads the stored token before marking the
+//! connection `needs_reauth`; 429/5xx/timeouts keep the tokens and retry on a later run with
+//! backoff. The data key for the new tokens is the one that opened the old ones (one KMS call,
+//! before Klaviyo is called), so nothing after the rotation depends on KMS. Each run also finishes
+//! pending revocations and logs one summary line.
 //!
 //! Each run reads the Klaviyo client secret first (one Secrets Manager call), so a secret put
 //! after the deploy, or rotated, is used by the next run. `invalid_client` is a configuration
@@ -716,8 +715,8 @@ impl Refresh {
         }
     }
 
-    /// One run: refresh everything due (until the time budget runs out), then finish
-    /// pending revocations. `deadline` is the invocation's (work stops `DEADLINE_MARGIN` before it).
+    /// One run: refresh everything due (until the time budget runs out), then finish pending
+    /// revocations. `deadline` is the invocation's (work stops `DEADLINE_MARGIN` before it).
     pub async fn run(&self, deadline: Option<SystemTime>) -> RunSummary {
         let started = Instant::now();
         let budget = deadline

@@ -403,10 +403,10 @@ impl Store {
         })
     }
 
-    /// Takes the refresh lease of an active connection (an OAuth refresh, or the check of an
-    /// API key): a conditional write that succeeds only if no unexpired lease is held, so two
-    /// workers never refresh or check one connection at once. Returns the connection as stored now (the re-read).
-    /// `Conflict` when leased by another worker or no longer eligible.
+    /// Takes the refresh lease of an active connection (an OAuth refresh, or the check of an API
+    /// key): a conditional write that succeeds only if no unexpired lease is held, so two workers
+    /// never refresh or check one connection at once. Returns the connection as stored now (the
+    /// re-read). `Conflict` when leased by another worker or no longer eligible.
     pub async fn take_refresh_lease(
         &self,
         key: &ConnectionKey,

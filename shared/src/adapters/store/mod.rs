@@ -9,14 +9,13 @@
 //! | parked connection     | `REVOKE#<sha256 handle>` | `REVOKE`     |
 //! | rate-limit counter    | `RATE#<user id>`      | `<scope>#<window start>` |
 //!
-//! Connections due for refresh (OAuth) or for their daily check (API keys) and pending
-//! revocations also carry `due_bucket`/`due_at`,
-//! the keys of the sparse `due-index` GSI the refresh job queries (never a Scan). Items that expire carry
-//! `expires_at` (epoch seconds), the table's TTL attribute; TTL deletes only eventually, so
-//! every read checks expiry itself. A parked connection (an OAuth result waiting for its
-//! completion) is a pending revocation with the connection's details beside the tokens: due
-//! when its completion window has passed, so the refresh job revokes it unless a completion
-//! deletes it first.
+//! Connections due for refresh (OAuth) or for their daily check (API keys) and pending revocations
+//! also carry `due_bucket`/`due_at`, the keys of the sparse `due-index` GSI the refresh job queries
+//! (never a Scan). Items that expire carry `expires_at` (epoch seconds), the table's TTL attribute;
+//! TTL deletes only eventually, so every read checks expiry itself. A parked connection (an OAuth
+//! result waiting for its completion) is a pending revocation with the connection's details beside
+//! the tokens: due when its completion window has passed, so the refresh job revokes it unless a
+//! completion deletes it first.
 //!
 //! This file is the core every record kind uses (the client, the item keys, the errors); each
 //! kind's reads and writes are in a file of its own: `connections`, `authorizations` (pending
