@@ -238,8 +238,8 @@ impl JwtVerifier {
         }
     }
 
-    /// Reads the keys again from `source` when a token matches none of them, the ones it was
-    /// built with counting as just read.
+    /// Reads the keys again from `source` when a token matches none of them and when they are
+    /// `KEYS_MAX_AGE` old, the ones it was built with counting as just read.
     pub fn with_key_source(mut self, source: Arc<dyn Source<JwtKeys>>) -> Self {
         self.ring = self.ring.with_source(source);
         self
