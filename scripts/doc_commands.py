@@ -87,7 +87,12 @@ def run(path, found):
     script = ["set -euo pipefail"]
     for n, (line, code) in enumerate(found):
         script += [f"echo '{BEGIN.format(n)}'", code, f"echo '{END.format(n)}'"]
-    env = dict(os.environ)
+    # Only AWS_ENDPOINT_URL, checked above, may say where AWS is: no per-service endpoints.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("AWS_ENDPOINT_URL_") and name != "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"
+    }
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     # Its own process group, so a block's background processes go with it on a timeout.
     process = subprocess.Popen(
@@ -103,7 +108,10 @@ def run(path, found):
         stdout, stderr = process.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+        try:
+            stdout, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a descendant that left the group holds the pipes
+            stdout, stderr = "", ""
         stderr += "\n(timed out after 900 s)"
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     failures = []

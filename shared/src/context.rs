@@ -100,7 +100,7 @@ impl Environment {
             log_failure(&InitError::JwtCrypto);
             return Err(InitError::JwtCrypto);
         }
-        let keys = self.jwt_keys().await.inspect_err(log_failure)?;
+        let keys = self.jwt_keys(false).await.inspect_err(log_failure)?;
         let jwt = &self.config.jwt;
         if jwt.issuer.is_none() || jwt.audience.is_none() {
             // The template always sets both; without them any token signed with this key
@@ -120,8 +120,11 @@ impl Environment {
     /// The key's current version and, within its grace period, the previous one, read at
     /// once. A key shorter than 32 bytes (256 bits, RFC 7518 §3.2) is refused: tokens signed
     /// with it could be forged by guessing it. The previous version is only ever a bonus: if
-    /// it cannot be read, is short, or its grace is over, only the current key is accepted.
-    async fn jwt_keys(&self) -> Result<JwtKeys, InitError> {
+    /// it is short or its grace is over, only the current key is accepted. If it cannot be
+    /// read, a start-up goes on with the current key alone, and a read again (`again`) fails,
+    /// so that the keys held stay (sessions on the previous key are not refused because of
+    /// an outage) and the read is tried again a minute later.
+    async fn jwt_keys(&self, again: bool) -> Result<JwtKeys, InitError> {
         let (setting, arn) = ("JWT_SECRET_ARN", &self.config.jwt.secret_arn);
         let grace_secs = self.config.jwt.previous_key_grace_secs;
         let previous = async {
@@ -152,6 +155,7 @@ impl Environment {
                     .filter(|previous| *previous != key)
                     .map(|previous| (previous, until))
             }
+            (Err(e), _) if again => return Err(e),
             (Err(e), _) => {
                 tracing::warn!(event = "jwt_previous_key_ignored", error = %e, "the JWT key's previous version is not accepted");
                 None
@@ -284,7 +288,7 @@ struct JwtKeySecret(Environment);
 
 impl Source<JwtKeys> for JwtKeySecret {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<JwtKeys, String>> + Send + '_>> {
-        Box::pin(async move { self.0.jwt_keys().await.map_err(|e| e.to_string()) })
+        Box::pin(async move { self.0.jwt_keys(true).await.map_err(|e| e.to_string()) })
     }
 }
 

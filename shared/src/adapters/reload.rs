@@ -2,13 +2,15 @@
 //! when it stops working: the Klaviyo client credentials (`klaviyo`) and the JWT keys
 //! (`auth`). Reads are rate-limited, a failed read counting as one, so neither a failing
 //! Secrets Manager nor a stream of bad requests costs more than one read per interval; callers
-//! that arrive during a read queue behind it and then find the value fresh.
+//! that arrive during a read queue behind it and then find the value fresh. Ages are measured by
+//! the wall clock as well as the monotonic one, which may not advance while Lambda freezes the
+//! environment.
 
 use crate::domain::secret::SECRET_RELOAD_INTERVAL;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// Where a secret is kept.
@@ -26,7 +28,43 @@ pub trait Reloadable: Send + Sync {
 struct Reload<V> {
     source: Arc<dyn Source<V>>,
     /// Held while reading, so concurrent callers cause one read.
-    loaded_at: tokio::sync::Mutex<Instant>,
+    last: tokio::sync::Mutex<LastRead>,
+}
+
+/// When the value was last read, by both clocks: the monotonic one may stand still while
+/// Lambda freezes the environment between requests, the wall clock does not. And whether that
+/// read failed: a failed read is tried again after `SECRET_RELOAD_INTERVAL`, however long the
+/// caller would otherwise wait, so an outage does not keep a stale value for a whole `fresh`.
+struct LastRead {
+    at: Instant,
+    wall: SystemTime,
+    failed: bool,
+}
+
+impl LastRead {
+    fn now(failed: bool) -> Self {
+        Self {
+            at: Instant::now(),
+            wall: SystemTime::now(),
+            failed,
+        }
+    }
+
+    fn age(&self) -> Duration {
+        let wall = SystemTime::now()
+            .duration_since(self.wall)
+            .unwrap_or_default();
+        self.at.elapsed().max(wall)
+    }
+
+    /// Whether a read now would be within `fresh` of the last one.
+    fn within(&self, fresh: Duration) -> bool {
+        let fresh = match self.failed {
+            true => fresh.min(SECRET_RELOAD_INTERVAL),
+            false => fresh,
+        };
+        self.age() < fresh
+    }
 }
 
 pub struct Reloading<T: Reloadable> {
@@ -52,7 +90,7 @@ impl<T: Reloadable> Reloading<T> {
         Self {
             reload: Some(Reload {
                 source,
-                loaded_at: tokio::sync::Mutex::new(Instant::now()),
+                last: tokio::sync::Mutex::new(LastRead::now(false)),
             }),
             ..Self::held(self.current())
         }
@@ -75,8 +113,8 @@ impl<T: Reloadable> Reloading<T> {
         let Some(reload) = &self.reload else {
             return Ok(false);
         };
-        let mut loaded_at = reload.loaded_at.lock().await;
-        self.read_again(reload, &mut loaded_at, fresh, build).await
+        let mut last = reload.last.lock().await;
+        self.read_again(reload, &mut last, fresh, build).await
     }
 
     /// Whether something other than `used` is held now: another caller installed a new value
@@ -90,31 +128,98 @@ impl<T: Reloadable> Reloading<T> {
         let Some(reload) = &self.reload else {
             return Ok(false);
         };
-        let mut loaded_at = reload.loaded_at.lock().await;
+        let mut last = reload.last.lock().await;
         if !Arc::ptr_eq(&self.current(), used) {
             return Ok(true);
         }
-        self.read_again(reload, &mut loaded_at, SECRET_RELOAD_INTERVAL, build)
+        self.read_again(reload, &mut last, SECRET_RELOAD_INTERVAL, build)
             .await
     }
 
-    /// The caller holds `loaded_at`'s lock.
+    /// The caller holds `last`'s lock.
     async fn read_again(
         &self,
         reload: &Reload<T::Value>,
-        loaded_at: &mut Instant,
+        last: &mut LastRead,
         fresh: Duration,
         build: impl FnOnce(T::Value) -> T,
     ) -> Result<bool, String> {
-        if loaded_at.elapsed() < fresh {
+        if last.within(fresh) {
             return Ok(false);
         }
-        *loaded_at = Instant::now();
-        let value = reload.source.fetch().await?;
+        let read = reload.source.fetch().await;
+        *last = LastRead::now(read.is_err());
+        let value = read?;
         if value == *self.current().value() {
             return Ok(false);
         }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(build(value));
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A value built from a string.
+    struct Built(String);
+
+    impl Reloadable for Built {
+        type Value = String;
+
+        fn value(&self) -> &String {
+            &self.0
+        }
+    }
+
+    /// A source that can be made to fail.
+    #[derive(Default)]
+    struct Flaky {
+        value: Mutex<String>,
+        failing: AtomicBool,
+        reads: AtomicUsize,
+    }
+
+    impl Source<String> for Flaky {
+        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let read = match self.failing.load(Ordering::SeqCst) {
+                true => Err("Secrets Manager unavailable".to_owned()),
+                false => Ok(self.value.lock().unwrap().clone()),
+            };
+            Box::pin(async move { read })
+        }
+    }
+
+    /// A failed read keeps the value held and is tried again a minute later, not a whole
+    /// `fresh` later; after a good read, `fresh` applies again.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_is_tried_again_after_the_interval() {
+        let source = Arc::new(Flaky::default());
+        *source.value.lock().unwrap() = "one".into();
+        let held = Reloading::new(Built("one".into())).with_source(source.clone());
+        let fresh = Duration::from_secs(300);
+        let reads = || source.reads.load(Ordering::SeqCst);
+
+        tokio::time::advance(fresh).await;
+        source.failing.store(true, Ordering::SeqCst);
+        assert!(held.reload(fresh, Built).await.is_err());
+        assert_eq!((reads(), held.current().0.as_str()), (1, "one"));
+
+        source.failing.store(false, Ordering::SeqCst);
+        *source.value.lock().unwrap() = "two".into();
+        tokio::time::advance(SECRET_RELOAD_INTERVAL - Duration::from_secs(1)).await;
+        assert_eq!(held.reload(fresh, Built).await, Ok(false));
+        assert_eq!(reads(), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(held.reload(fresh, Built).await, Ok(true));
+        assert_eq!((reads(), held.current().0.as_str()), (2, "two"));
+
+        tokio::time::advance(SECRET_RELOAD_INTERVAL).await;
+        assert_eq!(held.reload(fresh, Built).await, Ok(false));
+        assert_eq!(reads(), 2);
     }
 }
