@@ -59,9 +59,13 @@ impl fmt::Display for Budget {
 const AWS: Duration = AWS_CALL_TIMEOUT;
 const KLAVIYO: Duration = REQUEST_TIMEOUT;
 
-/// An HTTP function's request starts with reading its secrets when start-up could not.
+/// An HTTP function's request starts with reading its secrets when start-up could not, or with
+/// reading the JWT keys again (never both: a read counts for at least a minute).
 fn http_request() -> Budget {
-    Budget::new().step("Secrets Manager (when start-up could not)", AWS)
+    Budget::new().step(
+        "Secrets Manager (start-up's read, or the JWT keys again)",
+        AWS,
+    )
 }
 
 /// One attempt of `Revoker::replace`.

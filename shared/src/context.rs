@@ -145,20 +145,18 @@ impl Environment {
         let until = current
             .created
             .map(|created| created + time::Duration::seconds(grace_secs as i64));
+        let ignored = |e: InitError| {
+            tracing::warn!(event = "jwt_previous_key_ignored", error = %e, "the JWT key's previous version is not accepted");
+            None
+        };
         let previous = match (previous, until) {
-            (Ok(Some(previous)), Some(until)) if OffsetDateTime::now_utc() < until => {
-                long_enough(previous.value)
-                    .inspect_err(|e| {
-                        tracing::warn!(event = "jwt_previous_key_ignored", error = %e, "the JWT key's previous version is not accepted");
-                    })
-                    .ok()
-                    .filter(|previous| *previous != key)
-                    .map(|previous| (previous, until))
-            }
             (Err(e), _) if again => return Err(e),
-            (Err(e), _) => {
-                tracing::warn!(event = "jwt_previous_key_ignored", error = %e, "the JWT key's previous version is not accepted");
-                None
+            (Err(e), _) => ignored(e),
+            (Ok(Some(previous)), Some(until)) if OffsetDateTime::now_utc() < until => {
+                match long_enough(previous.value) {
+                    Ok(previous) => (previous != key).then_some((previous, until)),
+                    Err(e) => ignored(e),
+                }
             }
             _ => None,
         };

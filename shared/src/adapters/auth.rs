@@ -202,11 +202,6 @@ struct Claims {
 }
 
 impl JwtVerifier {
-    /// A verifier of tokens signed with `secret` alone.
-    pub fn hs256(secret: &Secret, issuer: Option<&str>, audience: Option<&str>) -> Self {
-        Self::new(JwtKeys::current_only(secret.clone()), issuer, audience)
-    }
-
     /// A key put with a trailing newline (`--secret-string file://key.txt`) verifies tokens
     /// signed with the value as read from Secrets Manager and with the value as typed.
     pub fn new(keys: JwtKeys, issuer: Option<&str>, audience: Option<&str>) -> Self {
@@ -539,7 +534,11 @@ mod tests {
     }
 
     fn verifier() -> JwtVerifier {
-        JwtVerifier::hs256(&Secret::new(KEY), Some("host-app"), Some("klaviyo-connect"))
+        JwtVerifier::new(
+            JwtKeys::current_only(Secret::new(KEY)),
+            Some("host-app"),
+            Some("klaviyo-connect"),
+        )
     }
 
     fn claims() -> serde_json::Value {
@@ -574,8 +573,8 @@ mod tests {
     /// an expired one is still reported as expired, and another key as a bad signature.
     #[test]
     fn a_key_with_surrounding_whitespace_verifies_both_ways() {
-        let v = JwtVerifier::hs256(
-            &Secret::new(format!("{KEY}\n")),
+        let v = JwtVerifier::new(
+            JwtKeys::current_only(Secret::new(format!("{KEY}\n"))),
             Some("host-app"),
             Some("klaviyo-connect"),
         );
